@@ -1,0 +1,65 @@
+"""Exported ONNX graphs on disk, keyed by checkpoint sha256 and export options: the second run exports nothing.
+
+A cache hit needs no torch. On a miss this module imports `ripper_export` (torch + demucs), which exports, checks
+parity against upstream and embeds the metadata; the file appears atomically, so a crash never leaves a half graph.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sources import DemucsSource, cache_dir, sha256_file
+
+EXPORT_VERSION = "1"
+DEFAULT_OPSET = 17
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """What the runtime needs: graph files plus bag weights (None = all ones)."""
+    name: str
+    family: str
+    onnx_paths: tuple[Path, ...]
+    weights: list[list[float]] | None
+
+
+def _key(sha256: str, options: dict) -> str:
+    opts = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{sha256[:16]}-{opts}"
+
+
+def onnx_root() -> Path:
+    return cache_dir() / "onnx"
+
+
+def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int = DEFAULT_OPSET,
+                         out_root: Path | None = None) -> Path:
+    """Path of the cached graph for one checkpoint, exporting it on a miss."""
+    sha = sha256_file(checkpoint)
+    options = {"family": "htdemucs", "segment": segment, "opset": opset, "export_version": EXPORT_VERSION}
+    out = (out_root or onnx_root()) / "htdemucs" / _key(sha, options) / "model.onnx"
+    if out.exists():
+        log.info("export cache hit: %s", out)
+        return out
+    log.info("exporting %s -> %s", checkpoint, out)
+    from ripper_export.onnx_export import export_demucs
+    from ripper_export.safe_load import build_demucs_model, load_demucs_package
+
+    model = build_demucs_model(load_demucs_package(checkpoint))
+    if segment is not None and segment <= float(model.segment):
+        model.segment = segment  # upstream BagOfModels rule for HTDemucs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_demucs(model, out, opset=opset, metadata={
+        "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
+        "ripper.export_options": json.dumps(options, sort_keys=True)})
+    return out
+
+
+def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, out_root: Path | None = None) -> ExportedModel:
+    paths = tuple(export_demucs_member(m.path, segment=source.segment, opset=opset, out_root=out_root)
+                  for m in source.members)
+    return ExportedModel(source.name, "htdemucs", paths, source.weights)

@@ -1,0 +1,145 @@
+"""`OUT/metadata.parquet`: one row per input, written as tracks finish, so a crash loses nothing that was done.
+
+Each finished track first lands as its own small Parquet file under `OUT/.ripper-dist/rows/` (atomic rename), then the
+rows are compacted into `OUT/metadata.parquet` (also atomic). Appending is O(1) per track however large the archive;
+the compacted file is what pandas/DuckDB users read. A rerun reads both to decide what to skip.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("input_path", pa.string()),
+    ("track", pa.string()),
+    ("status", pa.string()),          # done | failed
+    ("error", pa.string()),
+    ("model", pa.string()),
+    ("duration_s", pa.float64()),
+    ("sample_rate", pa.int32()),
+    ("channels", pa.int32()),
+    ("stem_paths", pa.map_(pa.string(), pa.string())),  # stem -> path relative to OUT
+    ("format", pa.string()),
+    ("subtype", pa.string()),
+    ("options_key", pa.string()),     # model identity + separation options: resume only skips on a match
+    ("input_size", pa.int64()),
+    ("input_mtime_ns", pa.int64()),
+    ("input_sha256", pa.string()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("elapsed_s", pa.float64()),
+    ("realtime_x", pa.float64()),     # audio seconds per wall second
+    ("node", pa.string()),
+    ("worker", pa.string()),
+    ("engine", pa.string()),          # local | ray
+])
+ROW_DIR = ".ripper-dist/rows"
+
+
+def options_key(options: dict) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def normalise_row(row: dict) -> dict:
+    out = {f.name: row.get(f.name) for f in SCHEMA}
+    if isinstance(out["stem_paths"], dict):
+        out["stem_paths"] = list(out["stem_paths"].items())
+    for ts in ("started_at", "finished_at"):
+        if isinstance(out[ts], (int, float)):
+            out[ts] = int(out[ts] * 1000)
+    return out
+
+
+def _atomic_write_table(table: pa.Table, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def row_file_name(input_path: str) -> str:
+    return hashlib.sha1(input_path.encode()).hexdigest()[:20] + ".parquet"
+
+
+class Manifest:
+    """Rows of one output folder, keyed by input path (the last row written for an input wins)."""
+
+    def __init__(self, out_dir: Path, compact_every_s: float = 10.0):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metadata.parquet"
+        self.row_dir = self.out_dir / ROW_DIR
+        self.compact_every_s = compact_every_s
+        self._last_compact = 0.0
+        self._rows: dict[str, dict] = self._load()
+
+    def _load(self) -> dict[str, dict]:
+        rows: dict[str, dict] = {}
+        if self.path.exists():
+            for r in pq.read_table(self.path).to_pylist():
+                rows[r["input_path"]] = r
+        if self.row_dir.is_dir():
+            pending = []
+            for f in self.row_dir.glob("*.parquet"):
+                try:
+                    pending += pq.read_table(f).to_pylist()
+                except Exception:  # a torn row file from a crash: the track is simply redone
+                    continue
+            pending.sort(key=lambda r: r["finished_at"] or 0)
+            for r in pending:
+                rows[r["input_path"]] = r
+        for r in rows.values():
+            if r.get("stem_paths") is not None and not isinstance(r["stem_paths"], dict):
+                r["stem_paths"] = dict(r["stem_paths"])
+        return rows
+
+    @property
+    def rows(self) -> dict[str, dict]:
+        return self._rows
+
+    def record(self, row: dict) -> None:
+        """Persist one finished (done or failed) track immediately."""
+        row = normalise_row(row)
+        table = pa.Table.from_pylist([row], schema=SCHEMA)
+        _atomic_write_table(table, self.row_dir / row_file_name(row["input_path"]))
+        stored = pq.read_table(self.row_dir / row_file_name(row["input_path"])).to_pylist()[0]
+        stored["stem_paths"] = dict(stored["stem_paths"] or [])
+        self._rows[row["input_path"]] = stored
+        if time.monotonic() - self._last_compact > self.compact_every_s:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rewrite metadata.parquet from all rows, then drop the row files it now contains."""
+        rows = sorted(self._rows.values(), key=lambda r: r["input_path"])
+        table = pa.Table.from_pylist([normalise_row(r) for r in rows], schema=SCHEMA)
+        _atomic_write_table(table, self.path)
+        if self.row_dir.is_dir():
+            for r in rows:
+                (self.row_dir / row_file_name(r["input_path"])).unlink(missing_ok=True)
+        self._last_compact = time.monotonic()
+
+    def is_done(self, input_path: str, opts_key: str, size: int, mtime_ns: int, sha256=None) -> bool:
+        """True when a previous run finished this input with the same options and its stems are all present.
+
+        Size and mtime equal to the stored ones stand for an unchanged file; otherwise `sha256()` (a callable, so the
+        hash is only computed when needed) must equal the stored input hash.
+        """
+        r = self._rows.get(input_path)
+        if not r or r["status"] != "done" or r["options_key"] != opts_key:
+            return False
+        if not all((self.out_dir / p).is_file() for p in (r["stem_paths"] or {}).values()):
+            return False
+        if r["input_size"] == size and r["input_mtime_ns"] == mtime_ns:
+            return True
+        return sha256 is not None and r["input_sha256"] == sha256()
