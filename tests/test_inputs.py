@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ripper_dist.inputs import assign_tracks, expand_inputs
+
+
+def _touch(p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"")
+    return p
+
+
+def test_files_folders_globs_lists(tmp_path):
+    a = _touch(tmp_path / "a" / "song.wav")
+    b = _touch(tmp_path / "b" / "deep" / "song.flac")
+    c = _touch(tmp_path / "c.mp3")
+    _touch(tmp_path / "a" / "notes.pdf")
+    (tmp_path / "list.txt").write_text(f"# comment\n{c}\nb/deep/song.flac\n")
+    (tmp_path / "list.csv").write_text("path,other\nc.mp3,1\n")
+    pq.write_table(pa.table({"input_path": [str(a)]}), tmp_path / "list.parquet")
+    assert expand_inputs([str(tmp_path / "a")]) == [a.resolve()]
+    assert expand_inputs([str(tmp_path / "**" / "*.flac")]) == [b.resolve()]
+    assert expand_inputs([str(tmp_path / "list.txt")]) == [c.resolve(), b.resolve()]
+    assert expand_inputs([str(tmp_path / "list.csv"), str(c)]) == [c.resolve()]
+    assert expand_inputs([str(tmp_path / "list.parquet")]) == [a.resolve()]
+    missing = expand_inputs([str(tmp_path / "nope.wav")])
+    assert missing == [(tmp_path / "nope.wav").absolute()]
+
+
+def test_unique_stable_track_names(tmp_path):
+    a, b, c = tmp_path / "x" / "song.wav", tmp_path / "y" / "song.wav", tmp_path / "other.wav"
+    names = {t.path: t.track for t in assign_tracks([a, b, c])}
+    assert names[c] == "other"
+    assert names[a] != names[b] and names[a].startswith("song-") and names[b].startswith("song-")
+    again = {t.path: t.track for t in assign_tracks([b, c, a])}
+    assert again == names

@@ -1,0 +1,43 @@
+import duckdb
+import pandas as pd
+
+from ripper_dist.manifest import Manifest, options_key
+
+
+def _row(path, status="done", stems=None, **kw):
+    base = dict(input_path=path, track="t", status=status, error=None if status == "done" else "boom",
+                model="m", duration_s=1.5, sample_rate=44100, channels=2, stem_paths=stems or {},
+                options_key="k", input_size=10, input_mtime_ns=5, input_sha256="abc", finished_at=1.0)
+    base.update(kw)
+    return base
+
+
+def test_rows_survive_without_compaction_and_compact(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "vocals.wav").write_bytes(b"x")
+    m = Manifest(tmp_path, compact_every_s=1e9)
+    m.record(_row("/a.wav", stems={"vocals": "t/vocals.wav"}))
+    m.record(_row("/b.wav", status="failed"))
+    # a "crash" here: a new process still sees both rows
+    m2 = Manifest(tmp_path)
+    assert set(m2.rows) == {"/a.wav", "/b.wav"}
+    assert m2.is_done("/a.wav", "k", 10, 5)
+    assert not m2.is_done("/b.wav", "k", 10, 5)            # failed: redo
+    assert not m2.is_done("/a.wav", "other", 10, 5)        # other options: redo
+    assert m2.is_done("/a.wav", "k", 11, 6, sha256=lambda: "abc")   # touched but same content
+    assert not m2.is_done("/a.wav", "k", 11, 6, sha256=lambda: "def")
+    (tmp_path / "t" / "vocals.wav").unlink()
+    assert not m2.is_done("/a.wav", "k", 10, 5)            # stem missing: redo
+    m2.compact()
+    assert not any((tmp_path / ".ripper-dist" / "rows").iterdir())
+    df = pd.read_parquet(tmp_path / "metadata.parquet")
+    assert list(df.input_path) == ["/a.wav", "/b.wav"]
+    assert dict(df.stem_paths[0]) == {"vocals": "t/vocals.wav"}
+    con = duckdb.connect()
+    got = con.execute(f"select status, stem_paths['vocals'] from '{tmp_path / 'metadata.parquet'}' order by input_path").fetchall()
+    assert got[0][0] == "done" and "t/vocals.wav" in str(got[0][1])
+
+
+def test_options_key_stable():
+    assert options_key({"a": 1, "b": [1, 2]}) == options_key({"b": [1, 2], "a": 1})
+    assert options_key({"a": 1}) != options_key({"a": 2})
