@@ -1,0 +1,129 @@
+"""`ripper-dist` command line: `models`, `export`, `separate`, `bench`.
+
+Flags follow `demucs` (`-n/--name`, `--repo`, `--shifts`, `--overlap`, `--segment`, `--two-stems`, `--int24`,
+`--float32`, `--flac`, `--clip-mode`, `-d/--device`, `-o/--out`) with audio-separator-style long forms (`--model`,
+`--checkpoint`, `--config`, `--format`, `--subtype`, `--stems`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-n", "--name", "--model", dest="model", default="htdemucs",
+                   help="released Demucs model (htdemucs, htdemucs_ft, htdemucs_6s), a bag/signature in --repo, or "
+                        "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs)")
+    g.add_argument("--repo", type=Path, help="local Demucs repo: NAME.yaml bags and <sig>[-<sha8>].th files")
+    g.add_argument("--checkpoint", type=Path, help="a single checkpoint: Demucs .th, or a RoFormer .ckpt/.pth")
+    g.add_argument("--config", type=Path, help="RoFormer YAML config shipped with the checkpoint")
+    g.add_argument("--segment", type=float, help="Demucs split length in seconds (at most the model's segment)")
+
+
+def _add_separate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="audio files, folders (recursive), globs, or lists (.txt/.csv/.parquet of paths)")
+    p.add_argument("-o", "--out", type=Path, default=Path("separated"), help="output folder (default: ./separated)")
+    _add_model_args(p)
+    g = p.add_argument_group("separation")
+    g.add_argument("--shifts", type=int, default=0,
+                   help="random time shifts averaged (upstream's equivariant stabilisation; 0 = deterministic, default)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the shifts' offsets")
+    g.add_argument("--overlap", type=float, default=0.25, help="overlap between Demucs chunks (default 0.25)")
+    g.add_argument("--num-overlap", type=int, help="RoFormer: chunks per chunk length (default from the config)")
+    g.add_argument("--batch-size", type=int, default=1, help="chunks per ONNX Runtime run")
+    g.add_argument("--stems", help="comma-separated stems to keep (default: all)")
+    g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (mix minus STEM)")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=["wav", "flac"], default="wav")
+    g.add_argument("--flac", action="store_const", const="flac", dest="format", help="same as --format flac")
+    g.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16")
+    g.add_argument("--int24", action="store_const", const="PCM_24", dest="subtype", help="same as --subtype PCM_24")
+    g.add_argument("--float32", action="store_const", const="FLOAT", dest="subtype", help="same as --subtype FLOAT")
+    g.add_argument("--clip-mode", choices=["rescale", "clamp", "none"], default="rescale",
+                   help="avoid clipping: rescale a stem that peaks above 1 (default, as demucs), clamp, or none")
+    g = p.add_argument_group("execution")
+    g.add_argument("-d", "--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (default cpu)")
+    g.add_argument("-j", "--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    g.add_argument("--force", action="store_true", help="redo tracks already done in OUT")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ripper-dist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ripper-dist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list released models and cached exports")
+
+    p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)")
+    _add_model_args(p)
+    p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder")
+
+    p = sub.add_parser("separate", help="separate tracks into stems")
+    _add_separate_args(p)
+    return parser
+
+
+def cmd_models(args) -> int:
+    from .export_cache import onnx_root
+    from .sources import DESCRIPTIONS, RELEASED, cache_dir
+    print("Released Demucs models (downloaded and verified on first use):")
+    for name, (files, _, _) in RELEASED.items():
+        have = all((cache_dir() / "checkpoints" / f).exists() for f in files)
+        print(f"  {name:<14} {'[cached] ' if have else ''}{DESCRIPTIONS[name]}")
+    print("RoFormer families (bring your checkpoint and its YAML config):")
+    print("  mel_band_roformer  Mel-Band RoFormer, e.g. the community vocals model")
+    print("  bs_roformer        BS-RoFormer (explicit freqs_per_bands)")
+    root = onnx_root()
+    graphs = sorted(root.rglob("*.onnx")) if root.exists() else []
+    print(f"Cached ONNX exports in {root}: {len(graphs)}")
+    for g in graphs:
+        print(f"  {g.relative_to(root)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    from .models import export_model
+    exported = export_model(args)
+    for p in exported.onnx_paths:
+        print(p)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            dest = args.out / (f"{exported.name}-{p.parent.name}.onnx")
+            shutil.copyfile(p, dest)
+            print(f"  -> {dest}")
+    return 0
+
+
+def cmd_separate(args) -> int:
+    from .separator import run_separation
+    return run_separation(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"ripper-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
