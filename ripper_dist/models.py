@@ -1,0 +1,87 @@
+"""From command-line model arguments to what the runtime needs: ONNX graphs (exported once, cached) and their info.
+
+`ModelBundle` is the unit shipped to workers: the graph bytes plus bag weights. Everything else (sources, rates,
+chunk lengths) is read back from the graphs' own metadata, so a worker needs nothing but the bundle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .export_cache import ExportedModel, export_demucs_source
+from .onnx_model import GraphInfo, OnnxRunner, read_info
+
+ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")
+
+
+def export_model(args) -> ExportedModel:
+    """Resolve `--model/--repo/--checkpoint/--config` and return cached (or freshly exported) graphs."""
+    if args.model in ROFORMER_FAMILIES:
+        from .export_cache import export_roformer
+        if not args.config or not args.checkpoint:
+            raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
+        return export_roformer(args.model, Path(args.config), Path(args.checkpoint))
+    from .sources import resolve_demucs
+    source = resolve_demucs(args.model, repo=args.repo, checkpoint=args.checkpoint)
+    return export_demucs_source(source)
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    family: str
+    graphs: list[bytes]
+    weights: list[list[float]] | None
+    infos: list[GraphInfo]
+
+    @classmethod
+    def from_exported(cls, exported: ExportedModel) -> "ModelBundle":
+        graphs = [Path(p).read_bytes() for p in exported.onnx_paths]
+        infos = [read_info(g) for g in graphs]
+        first = infos[0]
+        for i in infos[1:]:
+            if (i.sources, i.sample_rate, i.channels) != (first.sources, first.sample_rate, first.channels):
+                raise ValueError("sub-models of a bag must share sources, sample rate and channels")
+        return cls(exported.name, first.family, graphs, exported.weights, infos)
+
+    @property
+    def info(self) -> GraphInfo:
+        return self.infos[0]
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.info.sources)
+
+    @property
+    def full_weights(self) -> list[list[float]]:
+        return self.weights or [[1.0] * len(self.sources) for _ in self.graphs]
+
+    def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None) -> list:
+        """One ONNX Runtime runner per sub-model (None where `models` says it is not needed)."""
+        return [OnnxRunner(g, device, threads) if models is None or m in models else _Unused(i.chunk_samples)
+                for m, (g, i) in enumerate(zip(self.graphs, self.infos))]
+
+    def demucs_bag(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None):
+        """The engine's `DemucsBag` over ONNX Runtime runners."""
+        from .engine import DemucsBag
+        if self.family != "htdemucs":
+            raise ValueError(f"{self.name} is a {self.family} model, not Demucs")
+        return DemucsBag(self.runners(device, threads, models), self.full_weights,
+                         [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,
+                         self.info.channels, name=self.name)
+
+    def identity(self) -> dict:
+        """What makes outputs differ: the checkpoints (by hash) and the bag weights."""
+        return {"name": self.name, "family": self.family, "weights": self.weights,
+                "checkpoints": [i.raw.get("ripper.checkpoint_sha256") for i in self.infos],
+                "export_version": [i.raw.get("ripper.export_version") for i in self.infos]}
+
+
+class _Unused:
+    """Placeholder runner for a bag member whose output no selected stem needs."""
+
+    def __init__(self, chunk_samples: int):
+        self.chunk_samples = chunk_samples
+
+    def __call__(self, batch):
+        raise RuntimeError("this sub-model is not needed for the selected stems")
