@@ -1,0 +1,267 @@
+"""The Ray job: tracks -> chunk rows in a Ray Dataset -> ONNX Runtime actor pool -> streaming overlap-add -> stems.
+
+Stages:
+1. `flat_map(_plan_track)` (a task per track): probes the file, reads it once block by block for the normalisation
+   statistics, and emits one row per chunk (the engine's `ChunkTask` fields, no audio). A bad file becomes a single
+   error row. Rows of a track come out in track order.
+2. `map_batches(ChunkSeparator)` (an actor pool): each actor holds one ONNX Runtime session per sub-model, built from
+   ONNX bytes shipped through the object store (no shared filesystem for models). It decodes each chunk's window by
+   seeking (`AudioReader`), normalises, runs the graph and returns only the kept part of the output. One actor per
+   GPU (`num_gpus=1`, CUDA device 0 as Ray sets CUDA_VISIBLE_DEVICES) or CPU actors with ORT threads matched.
+3. The driver iterates the output in order (`preserve_order`) and feeds each track's `TrackOutput` (the same
+   overlap-add and stem writers as the local engine); a track's files are published and its metadata row recorded as
+   soon as its last chunk arrives. Memory: a few chunks per track in flight, however many tracks the archive holds.
+
+Fault tolerance: Ray Data restarts dead actors and reruns their batches; with ordered output nothing is duplicated,
+and the reducer ignores a chunk it has already added in any case. Python errors in a chunk become an error on that
+track's row, never a crash of the job.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .audio import AudioError, AudioReader, mix_stats, probe
+from .chunking import ChunkTask, MixStats, read_window
+from .separator import Job, Progress, done_row, failed_row
+from .track_output import TrackOutput
+
+_TASK_FIELDS = [f for f in ChunkTask.__dataclass_fields__]
+
+
+def _plan_track(row: dict, *, planner, plan_kwargs: dict, models: set[int]) -> list[dict]:
+    base = {"track_idx": int(row["track_idx"]), "path": row["path"], "error": ""}
+    empty = {f: 0 for f in _TASK_FIELDS} | {"n_tasks": 0, "length": 0, "stat_total": 0.0, "stat_total_sq": 0.0,
+                                            "stat_count": 0}
+    try:
+        with AudioReader(row["path"], planner.sample_rate, planner.channels) as reader:
+            stats = mix_stats(reader)
+            length = reader.length
+        if length == 0:
+            raise AudioError(f"{row['path']}: no audio samples")
+        tasks = [t for t in planner.plan(length, **plan_kwargs) if t.model in models]
+    except Exception as e:  # noqa: BLE001 - any failure belongs on this track's row
+        return [base | empty | {"error": f"{type(e).__name__}: {e}"}]
+    tasks.sort(key=lambda t: (t.keep_start, t.model, t.shift, t.index))
+    common = base | {"n_tasks": len(tasks), "length": length, "stat_total": stats.total,
+                     "stat_total_sq": stats.total_sq, "stat_count": stats.count}
+    return [common | t.as_dict() for t in tasks]
+
+
+class ChunkSeparator:
+    """Actor: ONNX Runtime sessions for every sub-model; (chunk rows) -> (kept outputs)."""
+
+    def __init__(self, graph_refs, *, device: str, threads: int | None, sample_rate: int, channels: int,
+                 n_sources: int, keep_max: int, batch_size: int):
+        import ray
+
+        from .onnx_model import OnnxRunner
+        graphs = ray.get(list(graph_refs))
+        self.runners = {m: OnnxRunner(g, device, threads) for m, g in enumerate(graphs) if g is not None}
+        self.sample_rate, self.channels, self.n_sources = sample_rate, channels, n_sources
+        self.keep_max, self.batch_size = keep_max, batch_size
+        self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _reader(self, path: str) -> AudioReader:
+        r = self.readers.pop(path, None) or AudioReader(path, self.sample_rate, self.channels)
+        self.readers[path] = r
+        while len(self.readers) > 4:
+            self.readers.popitem(last=False)[1].close()
+        return r
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["track_idx"])
+        out = np.zeros((n, self.n_sources, self.channels, self.keep_max), dtype=np.float32)
+        errors = [str(e) for e in batch["error"]]
+        pending: dict[int, list[tuple[int, ChunkTask, np.ndarray]]] = collections.defaultdict(list)
+        t0 = time.perf_counter()
+        for i in range(n):
+            if errors[i]:
+                continue
+            task = ChunkTask.from_dict({f: batch[f][i] for f in _TASK_FIELDS})
+            try:
+                stats = MixStats(float(batch["stat_total"][i]), float(batch["stat_total_sq"][i]),
+                                 int(batch["stat_count"][i]))
+                runner = self.runners[task.model]
+                window = read_window(self._reader(str(batch["path"][i])), task, runner.chunk_samples, stats=stats)
+                pending[task.model].append((i, task, window))
+            except Exception as e:  # noqa: BLE001
+                errors[i] = f"{type(e).__name__}: {e}"
+        for m, items in pending.items():
+            runner = self.runners[m]
+            for s in range(0, len(items), self.batch_size):
+                part = items[s:s + self.batch_size]
+                try:
+                    res = runner(np.stack([w for _, _, w in part]))
+                except Exception as e:  # noqa: BLE001
+                    for i, _, _ in part:
+                        errors[i] = f"{type(e).__name__}: {e}"
+                    continue
+                for (i, task, _), o in zip(part, res):
+                    out[i, :, :, :task.keep_len] = o[:, :, task.out_start:task.out_start + task.keep_len]
+        result = {k: batch[k] for k in batch if k != "error"}
+        result["error"] = np.array(errors, dtype=object)
+        result["output"] = out
+        result["actor"] = np.array([self.actor] * n, dtype=object)
+        result["compute_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return result
+
+
+def _init_ray(args):
+    import ray
+    if ray.is_initialized():
+        return False
+    address = getattr(args, "address", None)
+    kwargs = dict(include_dashboard=False, log_to_driver=bool(getattr(args, "verbose", False)),
+                  configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=getattr(args, "num_cpus", None) or os.cpu_count(), **kwargs)
+    return True
+
+
+def _pool_shape(args, resources: dict) -> dict:
+    """Actors and their resources: one per GPU, or CPU actors whose ORT threads add up to the cores."""
+    kind = args.device.split(":")[0]
+    if kind in ("cuda", "tensorrt"):
+        gpus = int(resources.get("GPU", 0))
+        if gpus < 1:
+            raise RuntimeError(f"--device {args.device}: the Ray cluster has no GPUs")
+        actors = args.actors or gpus
+        return dict(actors=actors, num_gpus=1, num_cpus=1, threads=args.threads or 1,
+                    device=f"{kind}:0")  # Ray sets CUDA_VISIBLE_DEVICES per actor
+    cpus = int(resources.get("CPU", 1))
+    threads = args.threads or min(cpus, 8)
+    actors = args.actors or max(1, cpus // threads)
+    # Each actor reserves its threads' cores, less a little so the planning tasks and the driver can run.
+    return dict(actors=actors, num_gpus=0, num_cpus=max(0.5, threads - 0.5), threads=threads, device="cpu")
+
+
+def run_ray(job: Job, args) -> list[dict]:
+    import ray
+    import ray.data
+
+    bundle = job.bundle
+    started_here = _init_ray(args)
+    rows: list[dict] = []
+    progress = None
+    try:
+        shape = _pool_shape(args, ray.cluster_resources())
+        models = job.models
+        planner = bundle.planner()
+        plan_kwargs = dict(shifts=args.shifts, overlap=args.overlap, seed=args.seed,
+                           segment_samples=None if args.segment is None else int(args.segment * planner.sample_rate))
+        graph_refs = [ray.put(g) if m in models else None for m, g in enumerate(bundle.graphs)]
+        keep_max = max(planner.segment_samples) if args.segment is None else plan_kwargs["segment_samples"]
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        tracks = {i: t for i, t in enumerate(job.todo)}
+        if not tracks:
+            return rows
+        items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.flat_map(_plan_track, fn_kwargs=dict(planner=planner, plan_kwargs=plan_kwargs, models=models),
+                         num_cpus=0.25, concurrency=max(2, shape["actors"]))
+        ds = ds.map_batches(
+            ChunkSeparator, batch_size=max(1, args.batch_size), batch_format="numpy",
+            fn_constructor_kwargs=dict(graph_refs=graph_refs, device=shape["device"], threads=shape["threads"],
+                                       sample_rate=planner.sample_rate, channels=planner.channels,
+                                       n_sources=len(planner.sources), keep_max=keep_max,
+                                       batch_size=max(1, args.batch_size)),
+            compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
+            num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"], max_concurrency=1)
+
+        progress = Progress(sum(_duration(t.path) for t in tracks.values()), enabled=not args.no_progress)
+        sr = planner.sample_rate
+        state: dict[int, dict] = {}
+        closed: set[int] = set()
+
+        def fail(idx: int, error: str):
+            st = state.pop(idx, None)
+            if st and st.get("out"):
+                st["out"].abort()
+            closed.add(idx)
+            row = failed_row(job, tracks[idx], error, "ray", started_at=st["started"] if st else None)
+            job.manifest.record(row)
+            rows.append(row)
+
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            for i in range(len(batch["track_idx"])):
+                idx = int(batch["track_idx"][i])
+                if idx in closed:
+                    continue
+                if batch["error"][i]:
+                    fail(idx, str(batch["error"][i]))
+                    continue
+                st = state.get(idx)
+                if st is None:
+                    track = tracks[idx]
+                    length = int(batch["length"][i])
+                    tasks = [t for t in planner.plan(length, **plan_kwargs) if t.model in models]
+                    try:
+                        info = probe(track.path)
+                        out = TrackOutput(
+                            tasks=tasks, length=length, sources=planner.sources, channels=planner.channels,
+                            weights=planner.weights, stem_map=job.stem_map, out_paths=job.stem_paths(track),
+                            model_rate=sr, info=info, fmt=job.fmt, subtype=job.subtype, clip=job.clip,
+                            stats=MixStats(float(batch["stat_total"][i]), float(batch["stat_total_sq"][i]),
+                                           int(batch["stat_count"][i])))
+                        for p in job.stem_paths(track).values():
+                            p.parent.mkdir(parents=True, exist_ok=True)
+                    except Exception as e:  # noqa: BLE001
+                        fail(idx, f"{type(e).__name__}: {e}")
+                        continue
+                    st = state[idx] = {"out": out, "info": info, "seen": set(), "started": time.time(),
+                                       "actors": set(), "compute_s": 0.0}
+                task = ChunkTask.from_dict({f: batch[f][i] for f in _TASK_FIELDS})
+                if task.key in st["seen"]:
+                    continue  # a retried batch delivered this chunk again
+                st["seen"].add(task.key)
+                st["actors"].add(str(batch["actor"][i]))
+                st["compute_s"] += float(batch["compute_s"][i])
+                full = np.zeros((len(planner.sources), planner.channels, task.out_start + task.keep_len),
+                                dtype=np.float32)
+                full[:, :, task.out_start:] = batch["output"][i][:, :, :task.keep_len]
+                try:
+                    progress.update(st["out"].add(task, full) / sr)
+                    if st["out"].pending == 0:
+                        paths, n = st["out"].finish()
+                        progress.update(n / sr)
+                        actors = sorted(st["actors"])
+                        row = done_row(job, tracks[idx], "ray", paths=paths, info=st["info"], started=st["started"],
+                                       node=",".join(sorted({a.split(":")[0] for a in actors})),
+                                       worker=",".join(actors))
+                        job.manifest.record(row)
+                        rows.append(row)
+                        closed.add(idx)
+                        del state[idx]
+                except Exception as e:  # noqa: BLE001
+                    fail(idx, f"{type(e).__name__}: {e}")
+        for idx in list(state):
+            fail(idx, "incomplete: not every chunk of the track came back")
+        for idx in tracks:
+            if idx not in closed:  # the planning stage produced nothing for it
+                fail(idx, "incomplete: the track produced no chunks")
+    finally:
+        if progress is not None:
+            progress.close()
+        job.manifest.compact()
+        if started_here:
+            ray.shutdown()
+    return rows
+
+
+def _duration(path: Path) -> float:
+    try:
+        return probe(path).duration_s
+    except (AudioError, OSError):
+        return 0.0
