@@ -62,11 +62,16 @@ class ChunkSeparator:
 
         from .onnx_model import OnnxRunner
         graphs = ray.get(list(graph_refs))
+        # Test hooks: run ORT on the CPU inside actors scheduled on logical GPUs (placement tests), and slow chunks
+        # down so a fault can be injected mid-run.
+        device = os.environ.get("RIPPER_DIST_ORT_DEVICE_OVERRIDE") or device
+        self.delay = float(os.environ.get("RIPPER_DIST_CHUNK_DELAY", 0))
         self.runners = {m: OnnxRunner(g, device, threads) for m, g in enumerate(graphs) if g is not None}
         self.sample_rate, self.channels, self.n_sources = sample_rate, channels, n_sources
         self.keep_max, self.batch_size = keep_max, batch_size
         self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
-        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.actor = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
 
     def _reader(self, path: str) -> AudioReader:
         r = self.readers.pop(path, None) or AudioReader(path, self.sample_rate, self.channels)
@@ -81,6 +86,8 @@ class ChunkSeparator:
         errors = [str(e) for e in batch["error"]]
         pending: dict[int, list[tuple[int, ChunkTask, np.ndarray]]] = collections.defaultdict(list)
         t0 = time.perf_counter()
+        if self.delay:
+            time.sleep(self.delay * n)
         for i in range(n):
             if errors[i]:
                 continue

@@ -1,0 +1,124 @@
+"""End to end through `ripper-dist separate --engine local`: stems equal upstream demucs on the same checkpoints."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from demucs_fixtures import make_bag_repo
+from ripper_dist.cli import main
+from upstream import sdr_db, upstream_stems, write_tone
+
+ONE_HOT = [[1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache, monkeypatch):
+    monkeypatch.setenv("RIPPER_DIST_CACHE", str(cache))
+
+
+@pytest.fixture(scope="module")
+def tracks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("in")
+    write_tone(d / "a" / "song.wav", 3.3 + 7 / 44100, seed=1)          # odd length, longer than 2 segments
+    write_tone(d / "b" / "song.wav", 0.7, seed=2)                       # same name, shorter than one segment
+    write_tone(d / "mono48.wav", 2.1, sr=48000, channels=1, seed=3)    # mono 48 kHz
+    (d / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
+    return d
+
+
+def _run(out: Path, *args) -> int:
+    return main(["separate", "--engine", "local", "--no-progress", "-o", str(out), "--subtype", "FLOAT",
+                 "--clip-mode", "none", *map(str, args)])
+
+
+def _check_parity(out: Path, repo: Path, name: str, min_db: float = 60.0):
+    df = pd.read_parquet(out / "metadata.parquet")
+    worst = np.inf
+    for row in df[df.status == "done"].itertuples():
+        ref = upstream_stems(Path(row.input_path), repo=repo, name=name)
+        stems = dict(row.stem_paths)
+        assert set(stems) == set(ref)
+        for s, rel in stems.items():
+            got, sr = sf.read(out / rel, always_2d=True)
+            assert sr == row.sample_rate and got.shape == ref[s].shape
+            worst = min(worst, sdr_db(ref[s], got))
+    assert worst >= min_db, worst
+    return worst
+
+
+def test_single_model_parity_metadata_and_failures(tmp_path, tracks):
+    repo = make_bag_repo(tmp_path / "repo", "tiny", 1, size="small")
+    out = tmp_path / "out"
+    rc = _run(out, tracks, "--repo", repo, "-n", "tiny")
+    assert rc == 1  # the corrupt file failed, the others finished
+    df = pd.read_parquet(out / "metadata.parquet")
+    assert len(df) == 4
+    bad = df[df.input_path.str.endswith("corrupt.wav")].iloc[0]
+    assert bad.status == "failed" and bad.error
+    done = df[df.status == "done"]
+    assert len(done) == 3 and done.track.nunique() == 3
+    assert {c for c in ["input_path", "track", "status", "error", "model", "duration_s", "sample_rate", "channels",
+                        "stem_paths"]} <= set(df.columns)
+    mono = done[done.input_path.str.endswith("mono48.wav")].iloc[0]
+    assert mono.sample_rate == 48000 and mono.channels == 1
+    assert abs(mono.duration_s - 2.1) < 1e-3
+    print("parity (dB):", _check_parity(out, repo, "tiny"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.f32"))
+
+
+def test_bag_with_weights_and_stems(tmp_path, tracks):
+    repo = make_bag_repo(tmp_path / "repo", "bag", 4, [[0.5, 0, 0, 1], [0.5, 1, 0, 0], [0, 0, 1, 0], [1, 0, 1, 1]],
+                         size="small")
+    out = tmp_path / "out"
+    assert _run(out, tracks / "a", "--repo", repo, "-n", "bag") == 0
+    print("parity (dB):", _check_parity(out, repo, "bag"))
+    out2 = tmp_path / "out2"
+    assert _run(out2, tracks / "a", "--repo", repo, "-n", "bag", "--stems", "vocals") == 0
+    df = pd.read_parquet(out2 / "metadata.parquet")
+    assert [dict(s) for s in df.stem_paths] == [{"vocals": f"{df.track[0]}/vocals.wav"}]
+    a, _ = sf.read(out / df.track[0] / "vocals.wav")
+    b, _ = sf.read(out2 / df.track[0] / "vocals.wav")
+    assert np.array_equal(a, b)
+
+
+def test_six_sources_and_two_stems(tmp_path, tracks):
+    repo = make_bag_repo(tmp_path / "repo", "six", 1, size="small", sources=6)
+    out = tmp_path / "out"
+    assert _run(out, tracks / "mono48.wav", "--repo", repo, "-n", "six") == 0
+    _check_parity(out, repo, "six")
+    out2 = tmp_path / "out2"
+    assert _run(out2, tracks / "mono48.wav", "--repo", repo, "-n", "six", "--two-stems", "vocals") == 0
+    stems = {p.stem for p in (out2 / "mono48").iterdir()}
+    assert stems == {"vocals", "no_vocals"}
+    parts = [sf.read(out / "mono48" / f"{s}.wav")[0] for s in ["drums", "bass", "other", "guitar", "piano"]]
+    no_vocals, _ = sf.read(out2 / "mono48" / "no_vocals.wav")
+    assert sdr_db(sum(parts), no_vocals) > 100
+
+
+def test_rerun_skips_and_force_redoes(tmp_path, tracks, capsys):
+    repo = make_bag_repo(tmp_path / "repo", "tiny", 1, size="small")
+    out = tmp_path / "out"
+    _run(out, tracks / "a", "--repo", repo, "-n", "tiny")
+    first = pd.read_parquet(out / "metadata.parquet").finished_at[0]
+    capsys.readouterr()
+    _run(out, tracks / "a", "--repo", repo, "-n", "tiny")
+    assert "1 skipped" in capsys.readouterr().err
+    assert pd.read_parquet(out / "metadata.parquet").finished_at[0] == first
+    _run(out, tracks / "a", "--repo", repo, "-n", "tiny", "--overlap", "0.5")  # other options: redone
+    assert pd.read_parquet(out / "metadata.parquet").finished_at[0] > first
+
+
+def test_output_formats(tmp_path, tracks):
+    repo = make_bag_repo(tmp_path / "repo", "tiny", 1, size="small")
+    out = tmp_path / "out"
+    assert main(["separate", "--engine", "local", "--no-progress", "-o", str(out), "--repo", str(repo), "-n", "tiny",
+                 "--flac", "--int24", str(tracks / "b")]) == 0
+    info = sf.info(next((out).rglob("vocals.flac")))
+    assert info.format == "FLAC" and info.subtype == "PCM_24"
