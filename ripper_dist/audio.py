@@ -98,8 +98,13 @@ def _clean(e: Exception) -> str:
 
 
 def resampled_length(frames: int, in_rate: int, out_rate: int) -> int:
-    """Length of `soxr.resample` output: `ceil(frames * out_rate / in_rate)`."""
-    return -(-int(frames) * int(out_rate) // int(in_rate))
+    """Track length at another rate: `frames * out_rate / in_rate` rounded to nearest, halves down.
+
+    One-shot `soxr.resample` returns this many samples, except that on an exact half it may return one more, and for
+    very short inputs (< ~100 frames) one fewer; reads past its end are zeros.
+    """
+    n, a, b = int(frames), int(in_rate), int(out_rate)
+    return (2 * n * b + a - 1) // (2 * a)
 
 
 def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -125,7 +130,8 @@ def _grid(in_rate: int, out_rate: int) -> tuple[int, int]:
 class AudioReader:
     """Model-rate, model-channel float32 windows of one file; see the module docstring.
 
-    `length` is the track length at the model rate (`resampled_length(frames, file rate, model rate)`).
+    `length` is the track length at the model rate (`resampled_length(frames, file rate, model rate)`); window `k` of
+    the model-rate track equals sample `k` of the whole file resampled at once with soxr.
     seekable: None = decide from the format (see the module docstring). history: in sequential mode, model-rate
     samples before the latest read kept decoded so that reads may step back that far without a restart.
     Use as a context manager or call `close()`. Not thread-safe.

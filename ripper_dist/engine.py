@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .audio import AudioReader, StemWriter, mix_stats as file_mix_stats, probe
+from .audio import AudioReader, mix_stats as file_mix_stats, probe, resampled_length
 from .chunking import ChunkTask, MixStats, OverlapAdd, mix_stats, normalize, plan_chunks, read_window
+from .track_output import TrackOutput, needed_models
 
-__all__ = ["DemucsBag", "Runner", "separate_array", "separate_file"]
+__all__ = ["DemucsBag", "Runner", "separate_array", "separate_file", "separate_track"]
 
 Progress = Callable[[int], None]
 
@@ -102,13 +103,6 @@ class DemucsBag:
         return plan_chunks(length, segment_samples=segs, chunk_samples=chunks, overlap=overlap, shifts=shifts,
                            seed=seed, max_shift=self.max_shift, n_models=len(self.runners), input_samples=inputs)
 
-    def models_for(self, stems: Sequence[str] | None) -> set[int]:
-        """Sub-models whose output matters for these stems (all if None)."""
-        if stems is None:
-            return set(range(len(self.runners)))
-        idx = [self.sources.index(s) for s in stems]
-        return {m for m, row in enumerate(self.weights) if any(row[i] != 0 for i in idx)}
-
 
 def _check_stems(bag: DemucsBag, stems: Sequence[str] | None) -> list[str]:
     if stems is None:
@@ -121,8 +115,9 @@ def _check_stems(bag: DemucsBag, stems: Sequence[str] | None) -> list[str]:
 
 
 def _execute(bag: DemucsBag, tasks: Sequence[ChunkTask], window: Callable[[ChunkTask, int], np.ndarray],
-             acc: OverlapAdd, batch_size: int, emit: Callable[[np.ndarray], None]) -> None:
-    """Run every task, in track order, batched per sub-model; emit finished blocks of the result in order."""
+             batch_size: int, consume: Callable[[list[ChunkTask], np.ndarray], None]) -> None:
+    """Run every task in track order, batched per sub-model; hand each batch's outputs (B, S, C, chunk) to
+    `consume` as soon as it is computed."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     queues: dict[int, list[ChunkTask]] = {}
@@ -137,12 +132,7 @@ def _execute(bag: DemucsBag, tasks: Sequence[ChunkTask], window: Callable[[Chunk
         if out.shape != (len(queue), n_sources, channels, chunk):
             raise ValueError(f"runner {m} returned shape {out.shape}, expected "
                              f"{(len(queue), n_sources, channels, chunk)}")
-        out = out.astype(np.float32, copy=False)
-        for t, o in zip(queue, out):
-            acc.add(t, o)
-        block = acc.pop_ready()
-        if block.shape[-1]:
-            emit(block)
+        consume(queue, out.astype(np.float32, copy=False))
 
     for t in sorted(tasks, key=lambda t: (t.keep_start, t.model, t.shift, t.index)):
         queues.setdefault(t.model, []).append(t)
@@ -150,9 +140,6 @@ def _execute(bag: DemucsBag, tasks: Sequence[ChunkTask], window: Callable[[Chunk
             flush(t.model)
     for m in sorted(queues):
         flush(m)
-    block = acc.finish()
-    if block.shape[-1]:
-        emit(block)
 
 
 def separate_array(bag: DemucsBag, mix: np.ndarray, *, shifts: int = 0, overlap: float = 0.25, seed: int = 0,
@@ -177,12 +164,19 @@ def separate_array(bag: DemucsBag, mix: np.ndarray, *, shifts: int = 0, overlap:
     def emit(block: np.ndarray) -> None:
         nonlocal pos
         n = block.shape[-1]
-        out[:, :, pos:pos + n] = block
-        pos += n
-        if progress is not None:
-            progress(n)
+        if n:
+            out[:, :, pos:pos + n] = block
+            pos += n
+            if progress is not None:
+                progress(n)
 
-    _execute(bag, tasks, lambda t, n: read_window(norm, t, n), acc, batch_size, emit)
+    def consume(batch_tasks: list[ChunkTask], outputs: np.ndarray) -> None:
+        for t, o in zip(batch_tasks, outputs):
+            acc.add(t, o)
+        emit(acc.pop_ready())
+
+    _execute(bag, tasks, lambda t, n: read_window(norm, t, n), batch_size, consume)
+    emit(acc.finish())
     assert pos == length
     return out
 
@@ -194,61 +188,84 @@ def _stem_path(out_dir: Path, filename: str, track: Path, stem: str, ext: str) -
     return out_dir / filename.format(track=name, trackext=trackext, stem=stem, ext=ext)
 
 
+def separate_track(bag: DemucsBag, path: str | os.PathLike, out_paths: Mapping[str, str | os.PathLike], *,
+                   stem_map: Mapping[str, Sequence[int]] | None = None, fmt: str = "wav", subtype: str = "PCM_16",
+                   clip: str = "rescale", shifts: int = 0, overlap: float = 0.25, seed: int = 0,
+                   transition_power: float = 1.0, batch_size: int = 1, segment_samples: int | None = None,
+                   progress: Progress | None = None) -> dict[str, Path]:
+    """Separate one audio file into the stem files `out_paths` ({stem: path}), streaming.
+
+    The file is read at the model rate and channel count (`AudioReader`), normalised with statistics of the whole
+    track (one extra read pass), separated, and each stem written back at the file's sample rate and frame count (mono
+    files give mono stems: the mean of the model's two channels; others get the model's channels) through
+    `track_output.TrackOutput` (the same code the Ray reducer uses). Memory does not grow with the track length.
+
+    stem_map: stem -> indices of the model sources summed into it (None: each stem of `out_paths` is the source of
+    that name). Sub-models whose weights are 0 for every source used are not run (their runner is never called).
+    progress: called with the number of newly finished model-rate samples (their sum is the model-rate length).
+    Each file appears atomically; on error no temporary files are left and no new stem file appears.
+    Returns {stem: path}.
+    """
+    path = Path(path)
+    out_paths = {s: Path(p) for s, p in out_paths.items()}
+    if stem_map is None:
+        stem_map = {s: [bag.sources.index(s)] for s in _check_stems(bag, list(out_paths))}
+    stem_map = {s: list(v) for s, v in stem_map.items()}
+    if set(stem_map) != set(out_paths):
+        raise ValueError(f"stems {sorted(stem_map)} and output paths {sorted(out_paths)} differ")
+    info = probe(path)
+    with AudioReader(path, bag.sample_rate, bag.channels) as reader:
+        length = reader.length
+        stats: MixStats = file_mix_stats(reader)
+        tasks = bag.plan(length, shifts=shifts, overlap=overlap, seed=seed, segment_samples=segment_samples)
+        needed = needed_models(bag.weights, stem_map)
+        tasks = [t for t in tasks if t.model in needed]
+        # reads come in track order per sub-model batch: let a sequential (mp3/ogg) reader keep enough behind
+        reader.history = max(reader.history, (batch_size + 2) * max(bag.chunk_samples))
+        track = TrackOutput(tasks=tasks, length=length, sources=bag.sources, channels=bag.channels,
+                            weights=bag.weights, stats=stats, stem_map=stem_map, out_paths=out_paths,
+                            model_rate=bag.sample_rate, info=info, fmt=fmt, subtype=subtype, clip=clip,
+                            transition_power=transition_power)
+
+        def consume(batch_tasks: list[ChunkTask], outputs: np.ndarray) -> None:
+            n = sum(track.add(t, o) for t, o in zip(batch_tasks, outputs))
+            if n and progress is not None:
+                progress(n)
+
+        try:
+            _execute(bag, tasks, lambda t, n: read_window(reader, t, n, stats=stats), batch_size, consume)
+        except BaseException:
+            track.abort()
+            raise
+        paths, n = track.finish()
+        if n and progress is not None:
+            progress(n)
+    return dict(paths)
+
+
 def separate_file(bag: DemucsBag, path: str | os.PathLike, out_dir: str | os.PathLike, *,
                   stems: Sequence[str] | None = None, fmt: str = "wav", subtype: str = "PCM_16",
                   clip: str = "rescale", shifts: int = 0, overlap: float = 0.25, seed: int = 0,
                   transition_power: float = 1.0, batch_size: int = 1, segment_samples: int | None = None,
                   filename: str = "{track}/{stem}.{ext}", progress: Progress | None = None) -> dict:
-    """Separate one audio file into stem files, streaming (memory independent of the track length).
+    """`separate_track` with output names from a template: `out_dir / filename.format(track=<input name without
+    extension>, trackext=..., stem=..., ext=fmt)`. stems: which sources to write (None = all).
 
-    The file is read at the model rate and channel count (`AudioReader`), normalised with statistics of the whole
-    track (one extra read pass), separated, and each stem written back at the file's sample rate (mono files give mono
-    stems: the mean of the model's two channels; other files get the model's channels) with the file's frame count.
-    stems: which stems to write (None = all); sub-models whose weights are 0 for all of them are not run.
-    filename: path under `out_dir`, formatted with track (name without extension), trackext, stem, ext.
-    Each file appears atomically (temporary name, then `os.replace`); on error no temporary files are left behind.
-
-    Returns {"stems": {stem: path}, "duration_s", "sample_rate", "channels", "frames", "model_frames"}.
+    Returns {"stems": {stem: path str}, "duration_s", "sample_rate", "channels" (of the stems), "frames",
+    "model_frames"}.
     """
     path = Path(path)
-    out_dir = Path(out_dir)
     wanted = _check_stems(bag, stems)
     info = probe(path)
-    out_channels = 1 if info.channels == 1 else bag.channels
-    with AudioReader(path, bag.sample_rate, bag.channels) as reader:
-        length = reader.length
-        stats: MixStats = file_mix_stats(reader)
-        tasks = bag.plan(length, shifts=shifts, overlap=overlap, seed=seed, segment_samples=segment_samples)
-        # reads come in track order per sub-model batch: let a sequential (mp3/ogg) reader keep enough behind
-        reader.history = max(reader.history, (batch_size + 2) * max(bag.chunk_samples))
-        needed = bag.models_for(wanted)
-        tasks = [t for t in tasks if t.model in needed]
-        acc = OverlapAdd(tasks, length=length, n_sources=len(bag.sources), channels=bag.channels,
-                         weights=bag.weights, transition_power=transition_power, stats=stats)
-        paths = {s: _stem_path(out_dir, filename, path, s, fmt) for s in wanted}
-        writers = {s: StemWriter(p, in_rate=bag.sample_rate, out_rate=info.sample_rate, out_channels=out_channels,
-                                 frames=info.frames, fmt=fmt, subtype=subtype, clip=clip) for s, p in paths.items()}
-        index = {s: bag.sources.index(s) for s in wanted}
-
-        def emit(block: np.ndarray) -> None:
-            for s, w in writers.items():
-                w.write(block[index[s]])
-            if progress is not None:
-                progress(block.shape[-1])
-
-        try:
-            _execute(bag, tasks, lambda t, n: read_window(reader, t, n, stats=stats), acc, batch_size, emit)
-            for w in writers.values():
-                w.close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
+    out_paths = {s: _stem_path(Path(out_dir), filename, path, s, fmt) for s in wanted}
+    paths = separate_track(bag, path, out_paths, fmt=fmt, subtype=subtype, clip=clip, shifts=shifts,
+                           overlap=overlap, seed=seed, transition_power=transition_power, batch_size=batch_size,
+                           segment_samples=segment_samples, progress=progress)
     return {
         "stems": {s: str(p) for s, p in paths.items()},
         "duration_s": info.duration_s,
         "sample_rate": info.sample_rate,
-        "channels": out_channels,
+        "channels": 1 if info.channels == 1 else bag.channels,
         "frames": info.frames,
-        "model_frames": length,
+        "model_frames": resampled_length(info.frames, info.sample_rate, bag.sample_rate),
     }
