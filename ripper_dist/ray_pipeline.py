@@ -36,7 +36,7 @@ _TASK_FIELDS = [f for f in ChunkTask.__dataclass_fields__]
 
 def _plan_track(row: dict, *, planner, plan_kwargs: dict, models: set[int]) -> list[dict]:
     base = {"track_idx": int(row["track_idx"]), "path": row["path"], "error": ""}
-    empty = {f: 0 for f in _TASK_FIELDS} | {"n_tasks": 0, "length": 0, "stat_total": 0.0, "stat_total_sq": 0.0,
+    empty = {f: 0 for f in _TASK_FIELDS} | {"n_tasks": 0, "track_length": 0, "stat_total": 0.0, "stat_total_sq": 0.0,
                                             "stat_count": 0}
     try:
         with AudioReader(row["path"], planner.sample_rate, planner.channels) as reader:
@@ -48,7 +48,7 @@ def _plan_track(row: dict, *, planner, plan_kwargs: dict, models: set[int]) -> l
     except Exception as e:  # noqa: BLE001 - any failure belongs on this track's row
         return [base | empty | {"error": f"{type(e).__name__}: {e}"}]
     tasks.sort(key=lambda t: (t.keep_start, t.model, t.shift, t.index))
-    common = base | {"n_tasks": len(tasks), "length": length, "stat_total": stats.total,
+    common = base | {"n_tasks": len(tasks), "track_length": length, "stat_total": stats.total,
                      "stat_total_sq": stats.total_sq, "stat_count": stats.count}
     return [common | t.as_dict() for t in tasks]
 
@@ -142,7 +142,7 @@ def _pool_shape(args, resources: dict) -> dict:
         if gpus < 1:
             raise RuntimeError(f"--device {args.device}: the Ray cluster has no GPUs")
         actors = args.actors or gpus
-        return dict(actors=actors, num_gpus=1, num_cpus=1, threads=args.threads or 1,
+        return dict(actors=actors, num_gpus=1, num_cpus=0.5, threads=args.threads or 1,
                     device=f"{kind}:0")  # Ray sets CUDA_VISIBLE_DEVICES per actor
     cpus = int(resources.get("CPU", 1))
     threads = args.threads or min(cpus, 8)
@@ -212,7 +212,7 @@ def run_ray(job: Job, args) -> list[dict]:
                 st = state.get(idx)
                 if st is None:
                     track = tracks[idx]
-                    length = int(batch["length"][i])
+                    length = int(batch["track_length"][i])
                     tasks = [t for t in planner.plan(length, **plan_kwargs) if t.model in models]
                     try:
                         info = probe(track.path)

@@ -56,5 +56,5 @@ def write_tone(path: Path, seconds: float, sr: int = 44100, channels: int = 2, s
     sig = 0.3 * np.sin(2 * np.pi * 110 * t) + 0.1 * rng.standard_normal(n)
     x = np.stack([sig * (1 + 0.2 * c) + 0.05 * rng.standard_normal(n) for c in range(channels)], 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, x.astype(np.float32), sr, subtype="FLOAT")
+    sf.write(path, x.astype(np.float32), sr, subtype="PCM_24" if path.suffix == ".flac" else "FLOAT")
     return path
