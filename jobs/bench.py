@@ -135,7 +135,34 @@ def child_cli(argv: list[str]) -> dict:
     return {"wall_s": time.perf_counter() - t0, "rc": rc}
 
 
-CHILDREN = {"upstream": child_upstream, "engine": child_engine, "bare": child_bare, "cli": child_cli}
+def _shm_used() -> int:
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def child_ray_job(argv: list[str]) -> dict:
+    """The Ray driver in this process; a thread samples the object store's shared memory (/dev/shm) meanwhile."""
+    import threading
+
+    from ripper_dist.cli import main as cli_main
+    base, peak, stop = _shm_used(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _shm_used() - base)
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    rc = cli_main(argv)
+    stop.set()
+    th.join()
+    return {"wall_s": time.perf_counter() - t0, "rc": rc, "object_store_peak_mb": peak[0] / 2 ** 20}
+
+
+CHILDREN = {"upstream": child_upstream, "engine": child_engine, "bare": child_bare, "cli": child_cli,
+            "ray_job": child_ray_job}
 
 
 # -- reports ----------------------------------------------------------------------------------------------------------
@@ -231,6 +258,35 @@ def bench_pipeline(args) -> None:
     print(f"Ray overhead: {(ray_['wall_s'] / local['wall_s'] - 1) * 100:.1f}% (includes starting Ray)")
 
 
+def bench_memory(args) -> None:
+    """Driver RSS and object-store peak must not grow with the number of tracks, nor with one long track."""
+    from ripper_export.random_weights import make_bag_repo
+    repo = _work_dir() / "repo-small"
+    if not (repo / "small.yaml").exists():
+        make_bag_repo(repo, "small", 1, size="small")
+    _bag(str(repo), "small", 1)
+    rows = []
+    cases = [(f"{args.small} tracks x {args.short_seconds:g} s", args.small, args.short_seconds),
+             (f"{args.large} tracks x {args.short_seconds:g} s", args.large, args.short_seconds),
+             (f"1 track x {args.long_minutes:g} min", 1, args.long_minutes * 60)]
+    for label, n, secs in cases:
+        folder = _work_dir() / "memory" / f"{n}x{secs:g}"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            src = _track(secs, name="mem", seed=1)
+            for i in range(n):
+                os.link(src, folder / f"t{i:04d}.wav")
+        out = _work_dir() / "memory-out" / folder.name
+        r = _run_measured("ray_job", argv=["separate", "--engine", "ray", "--force", "--no-progress", "--repo",
+                                           str(repo), "-n", "small", "-o", str(out), str(folder)])
+        rows.append((label, n * secs, r))
+    print(f"# memory: Ray driver peak RSS and object-store peak (/dev/shm), small random-weight model; {_machine()}")
+    print(f"{'job':<26}{'audio s':>9}{'wall s':>9}{'x-realtime':>12}{'driver RSS MB':>15}{'obj store MB':>14}")
+    for label, audio, r in rows:
+        print(f"{label:<26}{audio:>9.0f}{r['wall_s']:>9.1f}{audio / r['wall_s']:>12.2f}{r['peak_rss_mb']:>15.0f}"
+              f"{r['object_store_peak_mb']:>14.0f}")
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, kw = sys.argv[2], json.loads(sys.argv[3])
@@ -247,8 +303,13 @@ def main(argv=None):
         p.add_argument("--threads", type=int, default=os.cpu_count())
         p.add_argument("--batch-size", type=int, default=1)
         p.add_argument("--tracks", type=int, default=10)
+    p = sub.add_parser("memory")
+    p.add_argument("--small", type=int, default=20)
+    p.add_argument("--large", type=int, default=200)
+    p.add_argument("--short-seconds", type=float, default=5.0)
+    p.add_argument("--long-minutes", type=float, default=30.0)
     args = ap.parse_args(argv)
-    {"engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline}[args.what](args)
+    {"engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "memory": bench_memory}[args.what](args)
 
 
 if __name__ == "__main__":
