@@ -40,7 +40,7 @@ def _work_dir() -> Path:
 
 def _repo(model: str) -> tuple[Path, str]:
     """A released-size random-weight repo for `model` (htdemucs: 1 model; htdemucs_ft: 4-model one-hot bag)."""
-    from ripper_export.random_weights import make_bag_repo
+    from ripper_export.random_demucs import make_bag_repo
     repo = _work_dir() / f"repo-{model}"
     if not (repo / f"{model}.yaml").exists():
         if model == "htdemucs_ft":
@@ -260,7 +260,7 @@ def bench_pipeline(args) -> None:
 
 def bench_memory(args) -> None:
     """Driver RSS and object-store peak must not grow with the number of tracks, nor with one long track."""
-    from ripper_export.random_weights import make_bag_repo
+    from ripper_export.random_demucs import make_bag_repo
     repo = _work_dir() / "repo-small"
     if not (repo / "small.yaml").exists():
         make_bag_repo(repo, "small", 1, size="small")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ripper_export.random_weights import make_bag_repo
+from ripper_export.random_demucs import make_bag_repo
 
 
 def synth_track(seconds: float, sr: int, channels: int, seed: int) -> np.ndarray:

@@ -63,3 +63,25 @@ def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, ou
     paths = tuple(export_demucs_member(m.path, segment=source.segment, opset=opset, out_root=out_root)
                   for m in source.members)
     return ExportedModel(source.name, "htdemucs", paths, source.weights)
+
+
+def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int = DEFAULT_OPSET,
+                    out_root: Path | None = None) -> ExportedModel:
+    """Cached graph for a RoFormer checkpoint + its YAML config (both hashed into the key)."""
+    sha = sha256_file(checkpoint)
+    options = {"family": family, "config_sha256": sha256_file(config), "opset": opset,
+               "export_version": EXPORT_VERSION}
+    out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
+    if not out.exists():
+        log.info("exporting %s -> %s", checkpoint, out)
+        from ripper_export.roformer_export import export_roformer as _export
+        try:
+            import bs_roformer  # noqa: F401  (the reference; a test dependency)
+            check_reference = True
+        except ImportError:
+            check_reference = False
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _export(config, checkpoint, out, family=family, opset=opset, check_reference=check_reference,
+                metadata={"ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
+                          "ripper.export_options": json.dumps(options, sort_keys=True)})
+    return ExportedModel(checkpoint.stem, family, (out,), None)

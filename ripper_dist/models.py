@@ -49,8 +49,29 @@ class ModelBundle:
         return self.infos[0]
 
     @property
+    def is_roformer(self) -> bool:
+        return self.family in ROFORMER_FAMILIES
+
+    @property
     def sources(self) -> list[str]:
+        """The stems this model writes. RoFormer with a target instrument: the target plus its complement."""
+        if self.is_roformer:
+            from .msst_chunking import output_stems
+            return output_stems(self.instruments, self.target_instrument)
         return list(self.info.sources)
+
+    @property
+    def instruments(self) -> list[str]:
+        import json
+        return json.loads(self.info.raw.get("ripper.instruments", "[]")) or list(self.info.sources)
+
+    @property
+    def target_instrument(self) -> str | None:
+        return self.info.raw.get("ripper.target_instrument") or None
+
+    @property
+    def num_overlap(self) -> int:
+        return int(self.info.raw.get("ripper.num_overlap", 2))
 
     @property
     def full_weights(self) -> list[list[float]]:
@@ -61,10 +82,15 @@ class ModelBundle:
         return [OnnxRunner(g, device, threads) if models is None or m in models else _Unused(i.chunk_samples)
                 for m, (g, i) in enumerate(zip(self.graphs, self.infos))]
 
+    def roformer_runner(self, device: str = "cpu", threads: int | None = None) -> OnnxRunner:
+        if not self.is_roformer:
+            raise ValueError(f"{self.name} is a {self.family} model, not a RoFormer")
+        return OnnxRunner(self.graphs[0], device, threads)
+
     def demucs_bag(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None):
         """The engine's `DemucsBag` over ONNX Runtime runners."""
         from .engine import DemucsBag
-        if self.family != "htdemucs":
+        if self.is_roformer:
             raise ValueError(f"{self.name} is a {self.family} model, not Demucs")
         return DemucsBag(self.runners(device, threads, models), self.full_weights,
                          [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,

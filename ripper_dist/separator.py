@@ -153,23 +153,36 @@ def total_duration(tracks: list[TrackInput]) -> float:
     return total
 
 
+def _track_separator(job: Job, args, progress: "Progress"):
+    """A function track -> {stem: path} for this job's model family (Demucs bag or RoFormer)."""
+    from .engine import separate_track, separate_track_msst
+    bundle = job.bundle
+    common = dict(stem_map=job.stem_map, fmt=job.fmt, subtype=job.subtype, clip=job.clip, batch_size=args.batch_size)
+    if bundle.is_roformer:
+        runner = bundle.roformer_runner(args.device, args.threads)
+        sr = runner.info.sample_rate
+        return lambda track: separate_track_msst(
+            runner, track.path, job.stem_paths(track), instruments=bundle.instruments,
+            target_instrument=bundle.target_instrument, num_overlap=args.num_overlap or bundle.num_overlap,
+            progress=lambda n: progress.update(n / sr), **common)
+    bag = bundle.demucs_bag(args.device, args.threads, job.models)
+    segment = None if args.segment is None else int(args.segment * bag.sample_rate)
+    return lambda track: separate_track(
+        bag, track.path, job.stem_paths(track), shifts=args.shifts, seed=args.seed, overlap=args.overlap,
+        segment_samples=segment, progress=lambda n: progress.update(n / bag.sample_rate), **common)
+
+
 def run_local(job: Job, args) -> list[dict]:
     """Tracks one after another in this process (the single-process engine)."""
-    from .engine import separate_track
-    bag = job.bundle.demucs_bag(args.device, args.threads, job.models)
     progress = Progress(total_duration(job.todo), enabled=not args.no_progress)
     rows = []
     try:
+        separate = _track_separator(job, args, progress)
         for track in job.todo:
             started = time.time()
             try:
                 info = probe(track.path)
-                paths = separate_track(bag, track.path, job.stem_paths(track), stem_map=job.stem_map, fmt=job.fmt,
-                                       subtype=job.subtype, clip=job.clip, shifts=args.shifts, seed=args.seed,
-                                       overlap=args.overlap, batch_size=args.batch_size,
-                                       segment_samples=None if args.segment is None
-                                       else int(args.segment * bag.sample_rate),
-                                       progress=lambda n: progress.update(n / bag.sample_rate))
+                paths = separate(track)
                 row = done_row(job, track, "local", paths=paths, info=info, started=started)
             except (AudioError, OSError, ValueError) as e:
                 row = failed_row(job, track, f"{type(e).__name__}: {e}", "local", started_at=started)
@@ -185,6 +198,10 @@ def run_separation(args) -> int:
     t0 = time.monotonic()
     job = plan_job(args)
     engine = getattr(args, "engine", "local")
+    if engine == "ray" and job.bundle.is_roformer:
+        print("note: RoFormer models run on the local engine (the Ray pipeline plans Demucs chunks only)",
+              file=sys.stderr)
+        engine = "local"
     if engine == "ray":
         from .ray_pipeline import run_ray
         rows = run_ray(job, args)

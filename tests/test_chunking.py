@@ -218,8 +218,7 @@ def test_segment_longer_than_graph_is_refused():
 
 def test_real_small_htdemucs_with_segment_override():
     """A real (tiny, random) HTDemucs: normal segment and an upstream `--segment` override."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from demucs_fixtures import make_htdemucs_package
+    from ripper_export.random_demucs import make_htdemucs_package
 
     pkg = make_htdemucs_package(size="small", half=False)
     model = pkg["klass"](**pkg["kwargs"])

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from demucs_fixtures import make_bag_repo
+from ripper_export.random_demucs import make_bag_repo
 from ripper_dist.cli import main
 from upstream import sdr_db, upstream_stems, write_tone
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from demucs_fixtures import make_bag_repo
+from ripper_export.random_demucs import make_bag_repo
 from ripper_dist.cli import main
 from ripper_dist.ray_pipeline import _pool_shape
 from upstream import sdr_db, write_tone

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demucs_fixtures import SOURCES_4, SOURCES_6, htdemucs_kwargs, make_htdemucs_checkpoint  # noqa: E402
+from ripper_export.random_demucs import SOURCES_4, SOURCES_6, htdemucs_kwargs, make_htdemucs_checkpoint  # noqa: E402
 
 from ripper_export.htdemucs import OnnxHTDemucs, UnsupportedModelError  # noqa: E402
 from ripper_export.onnx_export import (  # noqa: E402

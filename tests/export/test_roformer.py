@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from roformer_fixtures import (  # noqa: E402
+from ripper_export.random_roformer import (  # noqa: E402
     SMALL_CHUNK, WRAPS, make_config, make_roformer_checkpoint, random_state_dict,
 )
 from ripper_export.roformer import (  # noqa: E402

@@ -9,9 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from roformer_fixtures import SMALL_CHUNK, make_roformer_checkpoint  # noqa: E402
+from ripper_export.random_roformer import SMALL_CHUNK, make_roformer_checkpoint  # noqa: E402
 from ripper_dist.msst_chunking import add_complement, demix  # noqa: E402
 from ripper_dist.onnx_model import GraphInfo  # noqa: E402
 from ripper_export.roformer import build_roformer, read_checkpoint  # noqa: E402

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demucs_fixtures import make_bag_repo, make_htdemucs_checkpoint, make_htdemucs_package  # noqa: E402
+from ripper_export.random_demucs import make_bag_repo, make_htdemucs_checkpoint, make_htdemucs_package  # noqa: E402
 
 from ripper_export.safe_load import (  # noqa: E402
     UnsafeCheckpointError, UnsupportedCheckpointError, build_demucs_model, load_demucs_package, sha256_file)

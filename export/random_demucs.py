@@ -1,4 +1,4 @@
-"""Random-weight HTDemucs checkpoints in the official Demucs `.th` format, for tests.
+"""Random-weight HTDemucs checkpoints in the official Demucs `.th` format: for tests, benchmarks and the demo.
 
 Stable API (other test modules import it):
 
