@@ -74,6 +74,7 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
     if not out.exists():
         log.info("exporting %s -> %s", checkpoint, out)
+        from ripper_export.roformer import RoformerKeyError
         from ripper_export.roformer_export import export_roformer as _export
         try:
             import bs_roformer  # noqa: F401  (the reference; a test dependency)
@@ -81,7 +82,10 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
         except ImportError:
             check_reference = False
         out.parent.mkdir(parents=True, exist_ok=True)
-        _export(config, checkpoint, out, family=family, opset=opset, check_reference=check_reference,
-                metadata={"ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
-                          "ripper.export_options": json.dumps(options, sort_keys=True)})
+        try:
+            _export(config, checkpoint, out, family=family, opset=opset, check_reference=check_reference,
+                    metadata={"ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
+                              "ripper.export_options": json.dumps(options, sort_keys=True)})
+        except RoformerKeyError as e:  # a checkpoint that does not fit the config: the user's to fix
+            raise ValueError(f"{checkpoint}: {e}") from None
     return ExportedModel(checkpoint.stem, family, (out,), None)
