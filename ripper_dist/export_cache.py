@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
     if out.exists():
         log.info("export cache hit: %s", out)
         return out
-    log.info("exporting %s -> %s", checkpoint, out)
+    print(f"exporting {checkpoint.name} to ONNX (first use; checked against upstream, then cached in {out.parent})",
+          file=sys.stderr)
     from ripper_export.onnx_export import export_demucs
     from ripper_export.safe_load import build_demucs_model, load_demucs_package
 
@@ -73,7 +75,8 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
                "export_version": EXPORT_VERSION}
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
     if not out.exists():
-        log.info("exporting %s -> %s", checkpoint, out)
+        print(f"exporting {checkpoint.name} to ONNX (first use; checked against the reference, then cached in "
+              f"{out.parent})", file=sys.stderr)
         from ripper_export.roformer import RoformerKeyError
         from ripper_export.roformer_export import export_roformer as _export
         try:

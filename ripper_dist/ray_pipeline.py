@@ -125,8 +125,14 @@ def _init_ray(args):
     if ray.is_initialized():
         return False
     address = getattr(args, "address", None)
-    kwargs = dict(include_dashboard=False, log_to_driver=bool(getattr(args, "verbose", False)),
-                  configure_logging=False)
+    import logging
+    verbose = bool(getattr(args, "verbose", False))
+    if not verbose:  # Ray's own INFO/WARNING chatter (token auth, deprecations) would bury the progress bar
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
+                  logging_level=logging.INFO if verbose else logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -177,7 +183,7 @@ def run_ray(job: Job, args) -> list[dict]:
         items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(_plan_track, fn_kwargs=dict(planner=planner, plan_kwargs=plan_kwargs, models=models),
-                         num_cpus=0.25, concurrency=max(2, shape["actors"]))
+                         num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=max(2, shape["actors"])))
         ds = ds.map_batches(
             ChunkSeparator, batch_size=max(1, args.batch_size), batch_format="numpy",
             fn_constructor_kwargs=dict(graph_refs=graph_refs, device=shape["device"], threads=shape["threads"],
@@ -185,7 +191,7 @@ def run_ray(job: Job, args) -> list[dict]:
                                        n_sources=len(planner.sources), keep_max=keep_max,
                                        batch_size=max(1, args.batch_size)),
             compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
-            num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"], max_concurrency=1)
+            num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
 
         progress = Progress(sum(_duration(t.path) for t in tracks.values()), enabled=not args.no_progress)
         sr = planner.sample_rate
