@@ -122,3 +122,25 @@ def test_output_formats(tmp_path, tracks):
                  "--flac", "--int24", str(tracks / "b")]) == 0
     info = sf.info(next((out).rglob("vocals.flac")))
     assert info.format == "FLAC" and info.subtype == "PCM_24"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_refused_and_never_runs(tmp_path, tracks, capsys):
+    import torch
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.th"
+    torch.save({"klass": None, "args": (), "kwargs": {}, "state": {}, "training_args": _Payload(marker)}, evil)
+    rc = main(["separate", "--engine", "local", "--no-progress", "-o", str(tmp_path / "out"), "--checkpoint",
+               str(evil), str(tracks / "b")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "system" in err, err  # names the global it found
+    assert not marker.exists()
