@@ -12,11 +12,7 @@ import soundfile as sf
 import soxr
 import torch
 
-
-def sdr_db(ref: np.ndarray, est: np.ndarray) -> float:
-    ref = np.asarray(ref, np.float64)
-    err = ref - np.asarray(est, np.float64)
-    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30)))
+from .onnx_export import sdr_db  # noqa: F401  (re-exported: parity is reported in these units)
 
 
 def upstream_stems(audio_path: Path, *, repo: Path, name: str, shifts: int = 0, overlap: float = 0.25) -> dict:
