@@ -39,6 +39,10 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="chunks per ONNX Runtime run")
     g.add_argument("--stems", help="comma-separated stems to keep (default: all)")
     g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (mix minus STEM)")
+    g.add_argument("--then", action="append", metavar="STEM=MODEL",
+                   help="chain: split the STEM this model wrote with MODEL (a Demucs name, or a bag in --then-repo); "
+                        "stems land in OUT/STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... --then other=htdemucs")
+    g.add_argument("--then-repo", type=Path, help="local Demucs repo for the --then models")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=["wav", "flac"], default="wav")
     g.add_argument("--flac", action="store_const", const="flac", dest="format", help="same as --format flac")

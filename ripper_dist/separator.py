@@ -6,6 +6,7 @@ a rerun skip finished work) and the progress bar (audio seconds, x-realtime, ETA
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sys
@@ -52,7 +53,12 @@ def separation_options(args, bundle: ModelBundle) -> dict:
             "clip": args.clip_mode}
 
 
-def plan_job(args) -> Job:
+def plan_job(args, tracks: list[TrackInput] | None = None) -> Job:
+    """Resolve the model, the stems, the options key and which tracks still need doing.
+
+    tracks: given by a chained stage (stems of the previous stage, named after their original tracks); None expands
+    `args.inputs`.
+    """
     out_dir = Path(args.out)
     bundle = ModelBundle.from_exported(export_model(args))
     stems = [s.strip() for s in args.stems.split(",")] if args.stems else None
@@ -61,7 +67,7 @@ def plan_job(args) -> Job:
         raise ValueError("flac cannot hold FLOAT samples: use --subtype PCM_16 or PCM_24, or --format wav")
     opts = separation_options(args, bundle)
     key = options_key(opts)
-    tracks = assign_tracks(expand_inputs(args.inputs))
+    tracks = tracks if tracks is not None else assign_tracks(expand_inputs(args.inputs))
     if not tracks:
         raise ValueError("no input files found")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,9 +200,49 @@ def run_local(job: Job, args) -> list[dict]:
     return rows
 
 
+def parse_chain(specs: list[str] | None) -> list[tuple[str, str]]:
+    """`--then STEM=MODEL` -> [(stem, model)]: the stage after this one splits STEM's file with MODEL."""
+    out = []
+    for spec in specs or []:
+        stem, sep, model = spec.partition("=")
+        if not sep or not stem or not model:
+            raise ValueError(f"--then {spec!r}: expected STEM=MODEL, e.g. other=htdemucs")
+        out.append((stem.strip(), model.strip()))
+    return out
+
+
+def chained_args(args, stem: str, model: str):
+    """The next stage's arguments: MODEL on STEM's files, written to OUT/STEM.MODEL/<track>/."""
+    nxt = copy.copy(args)
+    nxt.model, nxt.checkpoint, nxt.config = model, None, None
+    nxt.repo = getattr(args, "then_repo", None)
+    nxt.stems = nxt.two_stems = nxt.segment = nxt.num_overlap = None
+    nxt.then = None
+    nxt.out = Path(args.out) / f"{stem}.{model}"
+    return nxt
+
+
 def run_separation(args) -> int:
+    """Run the job, then each `--then STEM=MODEL` stage on the STEM files the previous stage wrote."""
+    rc = 0
+    tracks = None
+    for stage, (stem, model) in enumerate([(None, None)] + parse_chain(getattr(args, "then", None))):
+        if stage:
+            prev = Manifest(Path(args.out))
+            tracks = [TrackInput(Path(args.out) / r["stem_paths"][stem], r["track"])
+                      for r in sorted(prev.rows.values(), key=lambda r: r["track"])
+                      if r["status"] == "done" and stem in (r["stem_paths"] or {})]
+            if not tracks:
+                print(f"--then {stem}={model}: no finished track has a {stem!r} stem", file=sys.stderr)
+                return rc or 1
+            args = chained_args(args, stem, model)
+        rc = max(rc, run_stage(args, tracks))
+    return rc
+
+
+def run_stage(args, tracks: list[TrackInput] | None = None) -> int:
     t0 = time.monotonic()
-    job = plan_job(args)
+    job = plan_job(args, tracks)
     engine = getattr(args, "engine", "local")
     if engine == "ray" and job.bundle.is_roformer:
         print("note: RoFormer models run on the local engine (the Ray pipeline plans Demucs chunks only)",

@@ -64,3 +64,27 @@ def test_missing_key_refused_with_clear_message(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "missing" in err.lower() and sorted(state)[0].split(".")[0] in err
+
+
+def test_chain_roformer_vocals_then_demucs_on_the_rest(tmp_path):
+    """Vocals from RoFormer, the instrumental split by Demucs, in one command."""
+    from ripper_export.random_demucs import make_bag_repo
+    config, ckpt = make_roformer_checkpoint(tmp_path / "m", "mel_band_roformer", size="small")
+    repo = make_bag_repo(tmp_path / "repo", "tiny", 1, size="small")
+    track = write_tone(tmp_path / "in" / "song.wav", 1.9, seed=7)
+    out = tmp_path / "out"
+    assert main(["separate", "--engine", "local", "--no-progress", "-n", "mel_band_roformer", "--config", str(config),
+                 "--checkpoint", str(ckpt), "--then", "other=tiny", "--then-repo", str(repo), "--subtype", "FLOAT",
+                 "-o", str(out), str(track)]) == 0
+    assert {p.name for p in (out / "song").iterdir()} == {"vocals.wav", "other.wav"}
+    chained = out / "other.tiny"
+    row = pd.read_parquet(chained / "metadata.parquet").iloc[0]
+    assert row.status == "done" and row.track == "song" and row.input_path == str(out / "song" / "other.wav")
+    assert sorted(dict(row.stem_paths)) == ["bass", "drums", "other", "vocals"]
+    direct = tmp_path / "direct"
+    assert main(["separate", "--engine", "local", "--no-progress", "--repo", str(repo), "-n", "tiny", "--subtype",
+                 "FLOAT", "-o", str(direct), str(out / "song" / "other.wav")]) == 0
+    for stem in ["drums", "vocals"]:
+        a = sf.read(chained / "song" / f"{stem}.wav")[0]
+        b = sf.read(direct / "other" / f"{stem}.wav")[0]
+        assert np.array_equal(a, b)
