@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .audio import AudioReader, mix_stats as file_mix_stats, probe, resampled_length, write_stem
+from .audio import AudioReader, mix_stats as file_mix_stats, probe, resampled_length
 from .chunking import ChunkTask, MixStats, OverlapAdd, mix_stats, normalize, plan_chunks, read_window
 from .track_output import TrackOutput, needed_models
 
@@ -277,40 +277,29 @@ def separate_track_msst(runner, path: str | os.PathLike, out_paths: dict[str, Pa
                         progress: Progress | None = None) -> dict[str, Path]:
     """RoFormer: one file through MSST `demix` (chunk size = the graph length) into stem files.
 
-    The track is held at the model rate (RoFormer tracks are songs, and `demix` reflect-pads the whole track); the
-    output stems are the model's plus, with a target instrument, the complement `mix - target`.
+    The track is held at the model rate (MSST reflect-pads and normalises over the whole track); the stems are the
+    model's plus, with a target instrument, the complement `mix - target` (`track_output.MsstTrackOutput`, shared
+    with the Ray reducer).
     """
-    from .msst_chunking import add_complement, demix, plan_chunks as msst_plan
+    from .msst_chunking import plan_chunks as msst_plan, read_chunk
+    from .track_output import MsstTrackOutput
     info = probe(path)
     sr, channels = runner.info.sample_rate, runner.info.channels
     with AudioReader(path, sr, channels) as reader:
         mix = reader.read_all()
-    length = mix.shape[1]
-    n_chunks = len(msst_plan(length, runner.chunk_samples, num_overlap).chunks)
-    reported = [0, 0]  # chunks run, samples reported
-
-    def counted(batch: np.ndarray) -> np.ndarray:
-        out = runner(batch)
-        reported[0] += len(batch)
-        if progress is not None:
-            now = length * reported[0] // n_chunks
-            progress(now - reported[1])
-            reported[1] = now
-        return out
-
-    separated = demix(mix, counted, runner.chunk_samples, num_overlap, batch_size)
-    _, stems = add_complement(mix, separated, instruments, target_instrument)
-    out_channels = 1 if info.channels == 1 else channels
-    written: dict[str, Path] = {}
-    try:
-        for stem, idx in stem_map.items():
-            audio = stems[idx[0]] if len(idx) == 1 else stems[idx].sum(axis=0)
-            out_paths[stem].parent.mkdir(parents=True, exist_ok=True)
-            written[stem] = write_stem(out_paths[stem], audio, in_rate=sr, out_rate=info.sample_rate,
-                                       out_channels=out_channels, frames=info.frames, fmt=fmt, subtype=subtype,
-                                       clip=clip)
-    except BaseException:
-        for p in written.values():
-            Path(p).unlink(missing_ok=True)
-        raise
-    return written
+    plan = msst_plan(mix.shape[1], runner.chunk_samples, num_overlap)
+    track = MsstTrackOutput(plan=plan, n_sources=len(runner.info.sources), channels=channels,
+                            instruments=instruments, target_instrument=target_instrument, stem_map=stem_map,
+                            out_paths={s: Path(p) for s, p in out_paths.items()}, model_rate=sr, info=info, fmt=fmt,
+                            subtype=subtype, clip=clip, read_mix=lambda: mix)
+    step = max(1, int(batch_size))
+    for i in range(0, len(plan.chunks), step):
+        chunks = plan.chunks[i:i + step]
+        outputs = runner(np.stack([read_chunk(mix, plan, c) for c in chunks]))
+        n = sum(track.add(c, o) for c, o in zip(chunks, outputs))
+        if progress is not None and n:
+            progress(n)
+    paths, n = track.finish()
+    if progress is not None and n:
+        progress(n)
+    return paths

@@ -87,3 +87,61 @@ class TrackOutput:
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
+
+
+class MsstTrackOutput:
+    """RoFormer: chunk outputs (any order) -> MSST overlap-add -> stems (+ the complement) -> files.
+
+    MSST normalises by the sum of fade windows over the whole reflect-padded track, so the result is complete only
+    when every chunk is in; the stems are written then, each atomically. The mix is read again only for the
+    complement (mix minus target).
+    """
+
+    def __init__(self, *, plan, n_sources: int, channels: int, instruments, target_instrument, stem_map,
+                 out_paths: dict[str, Path], model_rate: int, info: AudioInfo, fmt: str, subtype: str, clip: str,
+                 read_mix):
+        from .msst_chunking import MsstAccumulator
+        self.acc = MsstAccumulator(plan, n_sources, channels)
+        self.plan = plan
+        self.instruments, self.target = list(instruments), target_instrument
+        self.stem_map, self.paths = stem_map, dict(out_paths)
+        self.model_rate, self.info = model_rate, info
+        self.fmt, self.subtype, self.clip = fmt, subtype, clip
+        self.read_mix = read_mix
+        self.out_channels = 1 if info.channels == 1 else channels
+        self._reported = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.acc.missing)
+
+    def add(self, chunk, output: np.ndarray) -> int:
+        """Add one chunk output; returns model-rate samples to count as progress (chunk share of the track)."""
+        self.acc.add(chunk, output)
+        done = self.plan.length * (len(self.plan.chunks) - self.pending) // len(self.plan.chunks)
+        n, self._reported = done - self._reported, done
+        return n
+
+    def finish(self) -> tuple[dict[str, Path], int]:
+        from .audio import write_stem
+        from .msst_chunking import add_complement
+        separated = self.acc.result()
+        mix = self.read_mix() if self.target else None
+        _, stems = add_complement(mix, separated, self.instruments, self.target)
+        written: dict[str, Path] = {}
+        try:
+            for stem, idx in self.stem_map.items():
+                audio = stems[idx[0]] if len(idx) == 1 else stems[idx].sum(axis=0)
+                self.paths[stem].parent.mkdir(parents=True, exist_ok=True)
+                written[stem] = write_stem(self.paths[stem], audio, in_rate=self.model_rate,
+                                           out_rate=self.info.sample_rate, out_channels=self.out_channels,
+                                           frames=self.info.frames, fmt=self.fmt, subtype=self.subtype,
+                                           clip=self.clip)
+        except BaseException:
+            for p in written.values():
+                Path(p).unlink(missing_ok=True)
+            raise
+        return written, self.plan.length - self._reported
+
+    def abort(self) -> None:
+        """Nothing is on disk before `finish`."""
