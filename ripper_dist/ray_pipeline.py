@@ -1,9 +1,9 @@
 """The Ray job: tracks -> chunk rows in a Ray Dataset -> ONNX Runtime actor pool -> streaming overlap-add -> stems.
 
 Stages:
-1. `flat_map(_plan_track)` (a task per track): probes the file, reads it once block by block for the normalisation
-   statistics, and emits one row per chunk (the engine's `ChunkTask` fields, no audio). A bad file becomes a single
-   error row. Rows of a track come out in track order.
+1. `flat_map(_plan_track)` (a task per track): probes the file and emits one row per chunk, no audio: for Demucs the
+   engine's `ChunkTask` fields plus the track's normalisation statistics (read once, block by block); for RoFormer
+   the MSST chunk fields. A bad file becomes a single error row. Rows of a track come out in track order.
 2. `map_batches(ChunkSeparator)` (an actor pool): each actor holds one ONNX Runtime session per sub-model, built from
    ONNX bytes shipped through the object store (no shared filesystem for models). It decodes each chunk's window by
    seeking (`AudioReader`), normalises, runs the graph and returns only the kept part of the output. One actor per
@@ -32,32 +32,134 @@ from .separator import Job, Progress, done_row, failed_row
 from .track_output import TrackOutput
 
 _TASK_FIELDS = [f for f in ChunkTask.__dataclass_fields__]
+_MSST_FIELDS = ["index", "start", "length", "fade_in", "fade_out"]
 
 
-def _plan_track(row: dict, *, planner, plan_kwargs: dict, models: set[int]) -> list[dict]:
+class DemucsScheme:
+    """Demucs `apply_model` chunks: normalisation statistics per track, centred windows, streaming overlap-add."""
+
+    def __init__(self, job: Job, args):
+        self.planner = job.bundle.planner()
+        self.models = job.models
+        self.sample_rate, self.channels = self.planner.sample_rate, self.planner.channels
+        self.n_sources = len(self.planner.sources)
+        seg = None if args.segment is None else int(args.segment * self.sample_rate)
+        self.plan_kwargs = dict(shifts=args.shifts, overlap=args.overlap, seed=args.seed, segment_samples=seg)
+        self.keep_max = max(self.planner.segment_samples) if seg is None else seg
+        self.empty_row = {f: 0 for f in _TASK_FIELDS} | {"stat_total": 0.0, "stat_total_sq": 0.0, "stat_count": 0}
+
+    def tasks(self, length: int) -> list[ChunkTask]:
+        tasks = [t for t in self.planner.plan(length, **self.plan_kwargs) if t.model in self.models]
+        return sorted(tasks, key=lambda t: (t.keep_start, t.model, t.shift, t.index))
+
+    def rows(self, reader: AudioReader) -> list[dict]:
+        stats = mix_stats(reader)
+        common = {"stat_total": stats.total, "stat_total_sq": stats.total_sq, "stat_count": stats.count}
+        return [common | t.as_dict() for t in self.tasks(reader.length)]
+
+    @staticmethod
+    def _stats(batch, i) -> MixStats:
+        return MixStats(float(batch["stat_total"][i]), float(batch["stat_total_sq"][i]), int(batch["stat_count"][i]))
+
+    @staticmethod
+    def task(batch, i) -> ChunkTask:
+        return ChunkTask.from_dict({f: batch[f][i] for f in _TASK_FIELDS})
+
+    def model_input(self, batch, i, reader: AudioReader, runners: dict) -> tuple[int, ChunkTask, np.ndarray]:
+        task = self.task(batch, i)
+        window = read_window(reader, task, runners[task.model].chunk_samples, stats=self._stats(batch, i))
+        return task.model, task, window
+
+    @staticmethod
+    def kept(task: ChunkTask, output: np.ndarray) -> np.ndarray:
+        return output[:, :, task.out_start:task.out_start + task.keep_len]
+
+    def add(self, out: TrackOutput, task: ChunkTask, kept: np.ndarray) -> int:
+        full = np.zeros((self.n_sources, self.channels, task.out_start + task.keep_len), dtype=np.float32)
+        full[:, :, task.out_start:] = kept[:, :, :task.keep_len]
+        return out.add(task, full)
+
+    def track_output(self, job: Job, track, info, batch, i, length: int) -> TrackOutput:
+        p = self.planner
+        return TrackOutput(tasks=self.tasks(length), length=length, sources=p.sources, channels=p.channels,
+                           weights=p.weights, stem_map=job.stem_map, out_paths=job.stem_paths(track),
+                           model_rate=self.sample_rate, info=info, fmt=job.fmt, subtype=job.subtype, clip=job.clip,
+                           stats=self._stats(batch, i))
+
+
+class MsstScheme:
+    """RoFormer (MSST `demix`) chunks: reflect-padded plan, faded windows, the track reduced when complete."""
+
+    def __init__(self, job: Job, args):
+        b = job.bundle
+        self.models = {0}
+        self.sample_rate, self.channels = b.info.sample_rate, b.info.channels
+        self.n_sources = len(b.info.sources)
+        self.chunk, self.num_overlap = b.info.chunk_samples, args.num_overlap or b.num_overlap
+        self.instruments, self.target = b.instruments, b.target_instrument
+        self.keep_max = self.chunk
+        self.empty_row = {f: 0 for f in _MSST_FIELDS}
+        self._plans: dict[int, object] = {}
+
+    def plan(self, length: int):
+        from .msst_chunking import plan_chunks
+        if length not in self._plans:
+            self._plans = {length: plan_chunks(length, self.chunk, self.num_overlap)}
+        return self._plans[length]
+
+    def rows(self, reader: AudioReader) -> list[dict]:
+        return [c.to_dict() for c in self.plan(reader.length).chunks]
+
+    @staticmethod
+    def task(batch, i):
+        from .msst_chunking import MsstChunk
+        return MsstChunk(**{f: int(batch[f][i]) for f in _MSST_FIELDS})
+
+    def model_input(self, batch, i, reader: AudioReader, runners: dict):
+        from .msst_chunking import read_chunk, source_span
+        plan = self.plan(int(batch["track_length"][i]))
+        chunk = self.task(batch, i)
+        a, b = source_span(plan, chunk)
+        return 0, chunk, read_chunk(reader.read(a, b), plan, chunk, offset=a)
+
+    @staticmethod
+    def kept(chunk, output: np.ndarray) -> np.ndarray:
+        return output
+
+    def add(self, out, chunk, kept: np.ndarray) -> int:
+        return out.add(chunk, kept)
+
+    def track_output(self, job: Job, track, info, batch, i, length: int):
+        from .track_output import MsstTrackOutput
+
+        def read_mix():
+            with AudioReader(track.path, self.sample_rate, self.channels) as r:
+                return r.read_all()
+
+        return MsstTrackOutput(plan=self.plan(length), n_sources=self.n_sources, channels=self.channels,
+                               instruments=self.instruments, target_instrument=self.target, stem_map=job.stem_map,
+                               out_paths=job.stem_paths(track), model_rate=self.sample_rate, info=info, fmt=job.fmt,
+                               subtype=job.subtype, clip=job.clip, read_mix=read_mix)
+
+
+def _plan_track(row: dict, *, scheme) -> list[dict]:
     base = {"track_idx": int(row["track_idx"]), "path": row["path"], "error": ""}
-    empty = {f: 0 for f in _TASK_FIELDS} | {"n_tasks": 0, "track_length": 0, "stat_total": 0.0, "stat_total_sq": 0.0,
-                                            "stat_count": 0}
     try:
-        with AudioReader(row["path"], planner.sample_rate, planner.channels) as reader:
-            stats = mix_stats(reader)
+        with AudioReader(row["path"], scheme.sample_rate, scheme.channels) as reader:
+            if reader.length == 0:
+                raise AudioError(f"{row['path']}: no audio samples")
+            rows = scheme.rows(reader)
             length = reader.length
-        if length == 0:
-            raise AudioError(f"{row['path']}: no audio samples")
-        tasks = [t for t in planner.plan(length, **plan_kwargs) if t.model in models]
     except Exception as e:  # noqa: BLE001 - any failure belongs on this track's row
-        return [base | empty | {"error": f"{type(e).__name__}: {e}"}]
-    tasks.sort(key=lambda t: (t.keep_start, t.model, t.shift, t.index))
-    common = base | {"n_tasks": len(tasks), "track_length": length, "stat_total": stats.total,
-                     "stat_total_sq": stats.total_sq, "stat_count": stats.count}
-    return [common | t.as_dict() for t in tasks]
+        return [base | scheme.empty_row | {"n_tasks": 0, "track_length": 0, "error": f"{type(e).__name__}: {e}"}]
+    common = base | {"n_tasks": len(rows), "track_length": length}
+    return [common | r for r in rows]
 
 
 class ChunkSeparator:
-    """Actor: ONNX Runtime sessions for every sub-model; (chunk rows) -> (kept outputs)."""
+    """Actor: ONNX Runtime sessions for every (sub-)model; (chunk rows) -> (kept outputs)."""
 
-    def __init__(self, graph_refs, *, device: str, threads: int | None, sample_rate: int, channels: int,
-                 n_sources: int, keep_max: int, batch_size: int):
+    def __init__(self, graph_refs, *, scheme, device: str, threads: int | None, batch_size: int):
         import ray
 
         from .onnx_model import OnnxRunner
@@ -67,43 +169,40 @@ class ChunkSeparator:
         device = os.environ.get("RIPPER_DIST_ORT_DEVICE_OVERRIDE") or device
         self.delay = float(os.environ.get("RIPPER_DIST_CHUNK_DELAY", 0))
         self.runners = {m: OnnxRunner(g, device, threads) for m, g in enumerate(graphs) if g is not None}
-        self.sample_rate, self.channels, self.n_sources = sample_rate, channels, n_sources
-        self.keep_max, self.batch_size = keep_max, batch_size
+        self.scheme, self.batch_size = scheme, batch_size
         self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
 
     def _reader(self, path: str) -> AudioReader:
-        r = self.readers.pop(path, None) or AudioReader(path, self.sample_rate, self.channels)
+        s = self.scheme
+        r = self.readers.pop(path, None) or AudioReader(path, s.sample_rate, s.channels)
         self.readers[path] = r
         while len(self.readers) > 4:
             self.readers.popitem(last=False)[1].close()
         return r
 
     def __call__(self, batch: dict) -> dict:
+        s = self.scheme
         n = len(batch["track_idx"])
-        out = np.zeros((n, self.n_sources, self.channels, self.keep_max), dtype=np.float32)
+        out = np.zeros((n, s.n_sources, s.channels, s.keep_max), dtype=np.float32)
         errors = [str(e) for e in batch["error"]]
-        pending: dict[int, list[tuple[int, ChunkTask, np.ndarray]]] = collections.defaultdict(list)
+        pending: dict[int, list] = collections.defaultdict(list)
         t0 = time.perf_counter()
         if self.delay:
             time.sleep(self.delay * n)
         for i in range(n):
             if errors[i]:
                 continue
-            task = ChunkTask.from_dict({f: batch[f][i] for f in _TASK_FIELDS})
             try:
-                stats = MixStats(float(batch["stat_total"][i]), float(batch["stat_total_sq"][i]),
-                                 int(batch["stat_count"][i]))
-                runner = self.runners[task.model]
-                window = read_window(self._reader(str(batch["path"][i])), task, runner.chunk_samples, stats=stats)
-                pending[task.model].append((i, task, window))
+                m, task, window = s.model_input(batch, i, self._reader(str(batch["path"][i])), self.runners)
+                pending[m].append((i, task, window))
             except Exception as e:  # noqa: BLE001
                 errors[i] = f"{type(e).__name__}: {e}"
         for m, items in pending.items():
             runner = self.runners[m]
-            for s in range(0, len(items), self.batch_size):
-                part = items[s:s + self.batch_size]
+            for k in range(0, len(items), self.batch_size):
+                part = items[k:k + self.batch_size]
                 try:
                     res = runner(np.stack([w for _, _, w in part]))
                 except Exception as e:  # noqa: BLE001
@@ -111,7 +210,8 @@ class ChunkSeparator:
                         errors[i] = f"{type(e).__name__}: {e}"
                     continue
                 for (i, task, _), o in zip(part, res):
-                    out[i, :, :, :task.keep_len] = o[:, :, task.out_start:task.out_start + task.keep_len]
+                    kept = s.kept(task, o)
+                    out[i, :, :, :kept.shape[-1]] = kept
         result = {k: batch[k] for k in batch if k != "error"}
         result["error"] = np.array(errors, dtype=object)
         result["output"] = out
@@ -167,12 +267,8 @@ def run_ray(job: Job, args) -> list[dict]:
     progress = None
     try:
         shape = _pool_shape(args, ray.cluster_resources())
-        models = job.models
-        planner = bundle.planner()
-        plan_kwargs = dict(shifts=args.shifts, overlap=args.overlap, seed=args.seed,
-                           segment_samples=None if args.segment is None else int(args.segment * planner.sample_rate))
-        graph_refs = [ray.put(g) if m in models else None for m, g in enumerate(bundle.graphs)]
-        keep_max = max(planner.segment_samples) if args.segment is None else plan_kwargs["segment_samples"]
+        scheme = MsstScheme(job, args) if bundle.is_roformer else DemucsScheme(job, args)
+        graph_refs = [ray.put(g) if m in scheme.models else None for m, g in enumerate(bundle.graphs)]
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
@@ -182,19 +278,17 @@ def run_ray(job: Job, args) -> list[dict]:
             return rows
         items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(_plan_track, fn_kwargs=dict(planner=planner, plan_kwargs=plan_kwargs, models=models),
+        ds = ds.flat_map(_plan_track, fn_kwargs=dict(scheme=scheme),
                          num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=max(2, shape["actors"])))
         ds = ds.map_batches(
             ChunkSeparator, batch_size=max(1, args.batch_size), batch_format="numpy",
-            fn_constructor_kwargs=dict(graph_refs=graph_refs, device=shape["device"], threads=shape["threads"],
-                                       sample_rate=planner.sample_rate, channels=planner.channels,
-                                       n_sources=len(planner.sources), keep_max=keep_max,
-                                       batch_size=max(1, args.batch_size)),
+            fn_constructor_kwargs=dict(graph_refs=graph_refs, scheme=scheme, device=shape["device"],
+                                       threads=shape["threads"], batch_size=max(1, args.batch_size)),
             compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
             num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
 
         progress = Progress(sum(_duration(t.path) for t in tracks.values()), enabled=not args.no_progress)
-        sr = planner.sample_rate
+        sr = scheme.sample_rate
         state: dict[int, dict] = {}
         closed: set[int] = set()
 
@@ -219,15 +313,9 @@ def run_ray(job: Job, args) -> list[dict]:
                 if st is None:
                     track = tracks[idx]
                     length = int(batch["track_length"][i])
-                    tasks = [t for t in planner.plan(length, **plan_kwargs) if t.model in models]
                     try:
                         info = probe(track.path)
-                        out = TrackOutput(
-                            tasks=tasks, length=length, sources=planner.sources, channels=planner.channels,
-                            weights=planner.weights, stem_map=job.stem_map, out_paths=job.stem_paths(track),
-                            model_rate=sr, info=info, fmt=job.fmt, subtype=job.subtype, clip=job.clip,
-                            stats=MixStats(float(batch["stat_total"][i]), float(batch["stat_total_sq"][i]),
-                                           int(batch["stat_count"][i])))
+                        out = scheme.track_output(job, track, info, batch, i, length)
                         for p in job.stem_paths(track).values():
                             p.parent.mkdir(parents=True, exist_ok=True)
                     except Exception as e:  # noqa: BLE001
@@ -235,17 +323,15 @@ def run_ray(job: Job, args) -> list[dict]:
                         continue
                     st = state[idx] = {"out": out, "info": info, "seen": set(), "started": time.time(),
                                        "actors": set(), "compute_s": 0.0}
-                task = ChunkTask.from_dict({f: batch[f][i] for f in _TASK_FIELDS})
-                if task.key in st["seen"]:
+                task = scheme.task(batch, i)
+                key = getattr(task, "key", None) or task.index
+                if key in st["seen"]:
                     continue  # a retried batch delivered this chunk again
-                st["seen"].add(task.key)
+                st["seen"].add(key)
                 st["actors"].add(str(batch["actor"][i]))
                 st["compute_s"] += float(batch["compute_s"][i])
-                full = np.zeros((len(planner.sources), planner.channels, task.out_start + task.keep_len),
-                                dtype=np.float32)
-                full[:, :, task.out_start:] = batch["output"][i][:, :, :task.keep_len]
                 try:
-                    progress.update(st["out"].add(task, full) / sr)
+                    progress.update(scheme.add(st["out"], task, batch["output"][i]) / sr)
                     if st["out"].pending == 0:
                         paths, n = st["out"].finish()
                         progress.update(n / sr)

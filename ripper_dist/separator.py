@@ -244,10 +244,6 @@ def run_stage(args, tracks: list[TrackInput] | None = None) -> int:
     t0 = time.monotonic()
     job = plan_job(args, tracks)
     engine = getattr(args, "engine", "local")
-    if engine == "ray" and job.bundle.is_roformer:
-        print("note: RoFormer models run on the local engine (the Ray pipeline plans Demucs chunks only)",
-              file=sys.stderr)
-        engine = "local"
     if engine == "ray":
         from .ray_pipeline import run_ray
         rows = run_ray(job, args)

@@ -88,3 +88,19 @@ def test_chain_roformer_vocals_then_demucs_on_the_rest(tmp_path):
         a = sf.read(chained / "song" / f"{stem}.wav")[0]
         b = sf.read(direct / "other" / f"{stem}.wav")[0]
         assert np.array_equal(a, b)
+
+
+def test_ray_job_equals_local_engine(tmp_path):
+    config, ckpt = make_roformer_checkpoint(tmp_path / "m", "mel_band_roformer", size="small")
+    inp = tmp_path / "in"
+    write_tone(inp / "a.wav", 2.3, seed=1)
+    write_tone(inp / "b.wav", 0.4, sr=48000, channels=1, seed=2)
+    common = ["--no-progress", "-n", "mel_band_roformer", "--config", str(config), "--checkpoint", str(ckpt),
+              "--subtype", "FLOAT", "--clip-mode", "none", str(inp)]
+    assert main(["separate", "--engine", "local", "-o", str(tmp_path / "local"), *common]) == 0
+    assert main(["separate", "--engine", "ray", "--num-cpus", "2", "-o", str(tmp_path / "ray"), *common]) == 0
+    for track in ["a", "b"]:
+        for stem in ["vocals", "other"]:
+            x = sf.read(tmp_path / "ray" / track / f"{stem}.wav")[0]
+            y = sf.read(tmp_path / "local" / track / f"{stem}.wav")[0]
+            assert sdr_db(y, x) >= 90
