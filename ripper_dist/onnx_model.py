@@ -65,12 +65,20 @@ def providers_for(device: str, *, trt_cache: Path | None = None, fp16: bool = Fa
     return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, e.g. a container's cpuset), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
                  *, profile: str | None = None) -> ort.InferenceSession:
     """Create a session; raise ProviderError when the requested GPU provider did not start."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or int(os.environ.get("RIPPER_DIST_THREADS", 0)) or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or int(os.environ.get("RIPPER_DIST_THREADS", 0)) or _usable_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if profile:

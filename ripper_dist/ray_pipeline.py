@@ -29,6 +29,7 @@ import numpy as np
 from .audio import AudioError, AudioReader, mix_stats, probe
 from .chunking import ChunkTask, MixStats, read_window
 from .separator import Job, Progress, done_row, failed_row
+from .sources import sha256_file
 from .track_output import TrackOutput
 
 _TASK_FIELDS = [f for f in ChunkTask.__dataclass_fields__]
@@ -143,8 +144,9 @@ class MsstScheme:
 
 
 def _plan_track(row: dict, *, scheme) -> list[dict]:
-    base = {"track_idx": int(row["track_idx"]), "path": row["path"], "error": ""}
+    base = {"track_idx": int(row["track_idx"]), "path": row["path"], "error": "", "input_sha256": ""}
     try:
+        base["input_sha256"] = sha256_file(Path(row["path"]))  # here, not on the driver: workers share the reading
         with AudioReader(row["path"], scheme.sample_rate, scheme.channels) as reader:
             if reader.length == 0:
                 raise AudioError(f"{row['path']}: no audio samples")
@@ -322,7 +324,7 @@ def run_ray(job: Job, args) -> list[dict]:
                         fail(idx, f"{type(e).__name__}: {e}")
                         continue
                     st = state[idx] = {"out": out, "info": info, "seen": set(), "started": time.time(),
-                                       "actors": set(), "compute_s": 0.0}
+                                       "actors": set(), "compute_s": 0.0, "sha256": str(batch["input_sha256"][i])}
                 task = scheme.task(batch, i)
                 key = getattr(task, "key", None) or task.index
                 if key in st["seen"]:
@@ -337,6 +339,7 @@ def run_ray(job: Job, args) -> list[dict]:
                         progress.update(n / sr)
                         actors = sorted(st["actors"])
                         row = done_row(job, tracks[idx], "ray", paths=paths, info=st["info"], started=st["started"],
+                                       input_sha256=st["sha256"],
                                        node=",".join(sorted({a.split(":")[0] for a in actors})),
                                        worker=",".join(actors))
                         job.manifest.record(row)

@@ -108,7 +108,8 @@ def done_row(job: Job, track: TrackInput, engine: str, *, paths: dict[str, Path]
     row = base_row(job, track, engine)
     row.update(status="done", error=None, duration_s=info.duration_s, sample_rate=info.sample_rate,
                channels=info.channels, stem_paths={s: str(Path(p).relative_to(job.out_dir)) for s, p in paths.items()},
-               input_sha256=sha256_file(track.path), started_at=started, finished_at=finished,
+               input_sha256=extra.pop("input_sha256", None) or sha256_file(track.path), started_at=started,
+               finished_at=finished,
                elapsed_s=finished - started,
                realtime_x=info.duration_s / max(finished - started, 1e-9))
     row.update(extra)
