@@ -339,7 +339,7 @@ def run_ray(job: Job, args) -> list[dict]:
                         progress.update(n / sr)
                         actors = sorted(st["actors"])
                         row = done_row(job, tracks[idx], "ray", paths=paths, info=st["info"], started=st["started"],
-                                       input_sha256=st["sha256"],
+                                       input_sha256=st["sha256"], elapsed=st["compute_s"],
                                        node=",".join(sorted({a.split(":")[0] for a in actors})),
                                        worker=",".join(actors))
                         job.manifest.record(row)

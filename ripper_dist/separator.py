@@ -103,15 +103,17 @@ def failed_row(job: Job, track: TrackInput, error: str, engine: str, **extra) ->
 
 
 def done_row(job: Job, track: TrackInput, engine: str, *, paths: dict[str, Path], info, started: float,
-             **extra) -> dict:
+             elapsed: float | None = None, **extra) -> dict:
+    """elapsed: the track's processing seconds (default: wall time since `started`; the Ray job passes the summed
+    compute time of its chunks, since its chunks run concurrently with other tracks')."""
     finished = time.time()
+    elapsed = finished - started if elapsed is None else elapsed
     row = base_row(job, track, engine)
     row.update(status="done", error=None, duration_s=info.duration_s, sample_rate=info.sample_rate,
                channels=info.channels, stem_paths={s: str(Path(p).relative_to(job.out_dir)) for s, p in paths.items()},
                input_sha256=extra.pop("input_sha256", None) or sha256_file(track.path), started_at=started,
                finished_at=finished,
-               elapsed_s=finished - started,
-               realtime_x=info.duration_s / max(finished - started, 1e-9))
+               elapsed_s=elapsed, realtime_x=info.duration_s / max(elapsed, 1e-9))
     row.update(extra)
     return row
 
