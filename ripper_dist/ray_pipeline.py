@@ -259,25 +259,100 @@ def _pool_shape(args, resources: dict) -> dict:
     return dict(actors=actors, num_gpus=0, num_cpus=max(0.5, threads - 0.5), threads=threads, device="cpu")
 
 
+class StreamingReducer:
+    """The driver's side: chunk outputs (in dataset order) -> per-track outputs -> files and manifest rows.
+
+    Only tracks with chunks in flight have state; a finished track is written, recorded and forgotten. A chunk seen
+    twice (a batch retried after an actor died) is ignored, so nothing is added twice.
+    """
+
+    def __init__(self, job: Job, scheme, tracks: dict, progress: Progress):
+        self.job, self.scheme, self.tracks, self.progress = job, scheme, tracks, progress
+        self.state: dict[int, dict] = {}
+        self.closed: set[int] = set()
+        self.rows: list[dict] = []
+
+    def _record(self, idx: int, row: dict) -> None:
+        self.closed.add(idx)
+        self.state.pop(idx, None)
+        self.job.manifest.record(row)
+        self.rows.append(row)
+
+    def fail(self, idx: int, error: str) -> None:
+        st = self.state.get(idx)
+        if st:
+            st["out"].abort()
+        self._record(idx, failed_row(self.job, self.tracks[idx], error, "ray",
+                                     started_at=st["started"] if st else None))
+
+    def _open(self, idx: int, batch, i) -> dict:
+        track = self.tracks[idx]
+        info = probe(track.path)
+        out = self.scheme.track_output(self.job, track, info, batch, i, int(batch["track_length"][i]))
+        for p in self.job.stem_paths(track).values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+        st = self.state[idx] = {"out": out, "info": info, "seen": set(), "started": time.time(), "actors": set(),
+                                "compute_s": 0.0, "sha256": str(batch["input_sha256"][i])}
+        return st
+
+    def consume(self, batch: dict) -> None:
+        sr = self.scheme.sample_rate
+        for i in range(len(batch["track_idx"])):
+            idx = int(batch["track_idx"][i])
+            if idx in self.closed:
+                continue
+            if batch["error"][i]:
+                self.fail(idx, str(batch["error"][i]))
+                continue
+            try:
+                st = self.state.get(idx) or self._open(idx, batch, i)
+                task = self.scheme.task(batch, i)
+                key = getattr(task, "key", task.index)
+                if key in st["seen"]:
+                    continue  # a retried batch delivered this chunk again
+                st["seen"].add(key)
+                st["actors"].add(str(batch["actor"][i]))
+                st["compute_s"] += float(batch["compute_s"][i])
+                self.progress.update(self.scheme.add(st["out"], task, batch["output"][i]) / sr)
+                if st["out"].pending == 0:
+                    paths, n = st["out"].finish()
+                    self.progress.update(n / sr)
+                    actors = sorted(st["actors"])
+                    self._record(idx, done_row(
+                        self.job, self.tracks[idx], "ray", paths=paths, info=st["info"], started=st["started"],
+                        input_sha256=st["sha256"], elapsed=st["compute_s"],
+                        node=",".join(sorted({a.split(":")[0] for a in actors})), worker=",".join(actors)))
+            except Exception as e:  # noqa: BLE001 - the track fails, the job goes on
+                self.fail(idx, f"{type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        """Tracks that never completed get a failed row (they will be redone by a rerun)."""
+        for idx in list(self.state):
+            self.fail(idx, "incomplete: not every chunk of the track came back")
+        for idx in self.tracks:
+            if idx not in self.closed:
+                self.fail(idx, "incomplete: the track produced no chunks")
+
+
 def run_ray(job: Job, args) -> list[dict]:
     import ray
     import ray.data
 
     bundle = job.bundle
+    tracks = {i: t for i, t in enumerate(job.todo)}
+    if not tracks:
+        return []
     started_here = _init_ray(args)
-    rows: list[dict] = []
     progress = None
+    reducer = None
     try:
         shape = _pool_shape(args, ray.cluster_resources())
         scheme = MsstScheme(job, args) if bundle.is_roformer else DemucsScheme(job, args)
         graph_refs = [ray.put(g) if m in scheme.models else None for m, g in enumerate(bundle.graphs)]
         ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
+        ctx.execution_options.preserve_order = True  # the reducer then holds only the tracks in flight
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        tracks = {i: t for i, t in enumerate(job.todo)}
-        if not tracks:
-            return rows
         items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(_plan_track, fn_kwargs=dict(scheme=scheme),
@@ -288,78 +363,18 @@ def run_ray(job: Job, args) -> list[dict]:
                                        threads=shape["threads"], batch_size=max(1, args.batch_size)),
             compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
             num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
-
         progress = Progress(sum(_duration(t.path) for t in tracks.values()), enabled=not args.no_progress)
-        sr = scheme.sample_rate
-        state: dict[int, dict] = {}
-        closed: set[int] = set()
-
-        def fail(idx: int, error: str):
-            st = state.pop(idx, None)
-            if st and st.get("out"):
-                st["out"].abort()
-            closed.add(idx)
-            row = failed_row(job, tracks[idx], error, "ray", started_at=st["started"] if st else None)
-            job.manifest.record(row)
-            rows.append(row)
-
+        reducer = StreamingReducer(job, scheme, tracks, progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            for i in range(len(batch["track_idx"])):
-                idx = int(batch["track_idx"][i])
-                if idx in closed:
-                    continue
-                if batch["error"][i]:
-                    fail(idx, str(batch["error"][i]))
-                    continue
-                st = state.get(idx)
-                if st is None:
-                    track = tracks[idx]
-                    length = int(batch["track_length"][i])
-                    try:
-                        info = probe(track.path)
-                        out = scheme.track_output(job, track, info, batch, i, length)
-                        for p in job.stem_paths(track).values():
-                            p.parent.mkdir(parents=True, exist_ok=True)
-                    except Exception as e:  # noqa: BLE001
-                        fail(idx, f"{type(e).__name__}: {e}")
-                        continue
-                    st = state[idx] = {"out": out, "info": info, "seen": set(), "started": time.time(),
-                                       "actors": set(), "compute_s": 0.0, "sha256": str(batch["input_sha256"][i])}
-                task = scheme.task(batch, i)
-                key = getattr(task, "key", None) or task.index
-                if key in st["seen"]:
-                    continue  # a retried batch delivered this chunk again
-                st["seen"].add(key)
-                st["actors"].add(str(batch["actor"][i]))
-                st["compute_s"] += float(batch["compute_s"][i])
-                try:
-                    progress.update(scheme.add(st["out"], task, batch["output"][i]) / sr)
-                    if st["out"].pending == 0:
-                        paths, n = st["out"].finish()
-                        progress.update(n / sr)
-                        actors = sorted(st["actors"])
-                        row = done_row(job, tracks[idx], "ray", paths=paths, info=st["info"], started=st["started"],
-                                       input_sha256=st["sha256"], elapsed=st["compute_s"],
-                                       node=",".join(sorted({a.split(":")[0] for a in actors})),
-                                       worker=",".join(actors))
-                        job.manifest.record(row)
-                        rows.append(row)
-                        closed.add(idx)
-                        del state[idx]
-                except Exception as e:  # noqa: BLE001
-                    fail(idx, f"{type(e).__name__}: {e}")
-        for idx in list(state):
-            fail(idx, "incomplete: not every chunk of the track came back")
-        for idx in tracks:
-            if idx not in closed:  # the planning stage produced nothing for it
-                fail(idx, "incomplete: the track produced no chunks")
+            reducer.consume(batch)
+        reducer.close()
     finally:
         if progress is not None:
             progress.close()
         job.manifest.compact()
         if started_here:
             ray.shutdown()
-    return rows
+    return reducer.rows if reducer else []
 
 
 def _duration(path: Path) -> float:
