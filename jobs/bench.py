@@ -1,16 +1,21 @@
 """Benchmarks: x-realtime and peak memory of ripper-dist against its baselines, side by side in one run.
 
-    python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N]
+    python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B]
+                                  [--rounds R]
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
+    python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
+        per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
     python jobs/bench.py cli      [--seconds 60]
         whole-process `ripper-dist separate --engine local` vs the upstream `demucs` CLI on the same file.
     python jobs/bench.py pipeline [--tracks 10] [--seconds 20]
         the Ray job vs the single-process engine on the same tracks and cores (Ray overhead).
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
         peak RSS of the Ray driver and peak object-store use: many short tracks vs few, and one long track.
-    python jobs/bench.py roformer [--config vocals]
-        Mel-Band RoFormer: the torch reference vs the ONNX engine, one chunk and a short track.
+    python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N]
+        Mel-Band RoFormer (random weights at Kim's vocals configuration): the torch reference (bs-roformer 0.3.10,
+        the model the exporter checks parity against) vs the ripper-dist ONNX Runtime runner, on one chunk and on a
+        short track through MSST `demix` (same chunking code for both, so the difference is the model runtime).
 
 Each contender runs in its own child process, so its peak RSS (`ru_maxrss` of that child) is its own.
 Models are exported (and cached) before anything is timed.
@@ -28,7 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HTDEMUCS_GFLOP_PER_SEGMENT = 224.5   # released htdemucs, one 7.8 s segment (REFERENCE section 4)
+HTDEMUCS_GFLOP_PER_SEGMENT = 224.5   # released htdemucs, one 7.8 s segment, as upstream computes it (REFERENCE 4);
+#                                      the exported graph does about 117 of them (factorised STFT/ISTFT)
 CPU_PEAK_GFLOPS_2_CORES = 190.0       # this machine class, two AVX-512 cores (REFERENCE section 4)
 
 
@@ -98,6 +104,15 @@ def _save(arr) -> str:
     return str(path)
 
 
+def _cleanup(runs: dict) -> None:
+    """Remove the children's saved outputs (tens of MB each) once compared."""
+    for rs in runs.values():
+        for r in rs:
+            for key in ("out", "chunk_out"):
+                if key in r:
+                    Path(r[key]).unlink(missing_ok=True)
+
+
 def _bag(repo: str, name: str, threads: int):
     from ripper_dist.export_cache import export_demucs_source
     from ripper_dist.models import ModelBundle
@@ -127,6 +142,71 @@ def child_bare(repo: str, name: str, track: str, overlap: float, threads: int) -
     for t in tasks:
         bag.runners[t.model](x)
     return {"wall_s": time.perf_counter() - t0, "chunks": len(tasks)}
+
+
+def _roformer_files(size: str) -> tuple[Path, Path]:
+    from ripper_export.random_roformer import make_roformer_checkpoint
+    d = _work_dir() / f"roformer-{size}"
+    cfg, ckpt = d / "config.yaml", d / "model.ckpt"
+    if not (cfg.exists() and ckpt.exists()):
+        cfg, ckpt = make_roformer_checkpoint(d, "mel_band_roformer", size=size)
+    return cfg, ckpt
+
+
+def _roformer_bundle(cfg: str, ckpt: str):
+    from ripper_dist.export_cache import export_roformer
+    from ripper_dist.models import ModelBundle
+    return ModelBundle.from_exported(export_roformer("mel_band_roformer", Path(cfg), Path(ckpt)))
+
+
+def _roformer_chunk_input(channels: int, chunk: int):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return np.clip(0.3 * rng.standard_normal((1, channels, chunk)), -1, 1).astype(np.float32)
+
+
+def _roformer_run(runner, chunk: int, num_overlap: int, channels: int, track: str, reps: int) -> dict:
+    """Time `runner` on one chunk (`reps` times, after none) and on `track` via MSST demix."""
+    import numpy as np
+    from ripper_dist.msst_chunking import demix, plan_chunks
+    x = _roformer_chunk_input(channels, chunk)
+    chunk_s = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y = runner(x)
+        chunk_s.append(time.perf_counter() - t0)
+    mix = _load_mix(track)
+    t0 = time.perf_counter()
+    out = demix(mix, runner, chunk, num_overlap, batch_size=1)
+    wall = time.perf_counter() - t0
+    return {"chunk_s": chunk_s, "wall_s": wall, "out": _save(out), "chunk_out": _save(np.asarray(y)),
+            "chunks": len(plan_chunks(mix.shape[1], chunk, num_overlap).chunks)}
+
+
+def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: int) -> dict:
+    """The reference: bs-roformer 0.3.10 with the checkpoint loaded (as the exporter's parity check builds it)."""
+    import torch
+    from ripper_export.roformer import build_roformer, read_checkpoint
+    from ripper_export.roformer_config import load_roformer_config
+    from ripper_export.roformer_export import build_reference
+    torch.set_num_threads(threads)
+    conf = load_roformer_config(cfg)
+    state = build_roformer("mel_band_roformer", conf.model, read_checkpoint(ckpt)).state_dict()
+    ref = build_reference("mel_band_roformer", conf.model, state)
+    del state
+
+    def runner(batch):
+        with torch.no_grad():
+            return ref(torch.from_numpy(batch)).numpy()
+
+    return _roformer_run(runner, conf.chunk_size, conf.num_overlap, 2, track, reps)
+
+
+def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int) -> dict:
+    """ripper-dist: the exported graph in its ONNX Runtime runner (what `separate` uses for RoFormer)."""
+    bundle = _roformer_bundle(cfg, ckpt)
+    runner = bundle.roformer_runner("cpu", threads)
+    return _roformer_run(runner, runner.chunk_samples, bundle.num_overlap, runner.info.channels, track, reps)
 
 
 def child_cli(argv: list[str]) -> dict:
@@ -161,8 +241,24 @@ def child_ray_job(argv: list[str]) -> dict:
     return {"wall_s": time.perf_counter() - t0, "rc": rc, "object_store_peak_mb": peak[0] / 2 ** 20}
 
 
-CHILDREN = {"upstream": child_upstream, "engine": child_engine, "bare": child_bare, "cli": child_cli,
-            "ray_job": child_ray_job}
+def child_prepare(model: str = "", threads: int = 1, roformer: str = "") -> dict:
+    """Checkpoints and exports, in a child: the parent stays small, so the children it forks do not inherit a large
+    peak RSS (ru_maxrss survives fork and exec)."""
+    if roformer:
+        cfg, ckpt = _roformer_files(roformer)
+        bundle = _roformer_bundle(str(cfg), str(ckpt))
+        info = bundle.info
+        return {"cfg": str(cfg), "ckpt": str(ckpt), "chunk_samples": info.chunk_samples,
+                "sample_rate": info.sample_rate, "num_overlap": bundle.num_overlap,
+                "parity_sdr_db": info.raw.get("ripper.parity_sdr_db")}
+    repo, name = _repo(model)
+    _bag(str(repo), name, threads)
+    return {"repo": str(repo), "name": name}
+
+
+CHILDREN = {"prepare": child_prepare, "upstream": child_upstream, "engine": child_engine, "bare": child_bare, "cli": child_cli,
+            "ray_job": child_ray_job, "roformer_torch": child_roformer_torch,
+            "roformer_engine": child_roformer_engine}
 
 
 # -- reports ----------------------------------------------------------------------------------------------------------
@@ -201,32 +297,42 @@ def _run_measured(kind: str, **kw) -> dict:
 
 def bench_engine(args) -> None:
     import numpy as np
-    repo, name = _repo(args.model)
+    prep = _run_measured("prepare", model=args.model, threads=args.threads)  # export before timing
+    repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
-    _bag(str(repo), name, args.threads)  # export before timing
-    common = dict(repo=str(repo), name=name, track=str(track), overlap=args.overlap, threads=args.threads)
-    up = _run_measured("upstream", **common)
-    eng = _run_measured("engine", **common, batch_size=args.batch_size)
-    bare = _run_measured("bare", **common)
-    a, b = np.load(up["out"]), np.load(eng["out"])
+    common = dict(repo=repo, name=name, track=str(track), overlap=args.overlap, threads=args.threads)
+    runs: dict[str, list[dict]] = {"upstream": [], "engine": [], "bare": []}
+    for _ in range(args.rounds):  # interleaved, so a noisy stretch hits every contender alike
+        runs["upstream"].append(_run_measured("upstream", **common))
+        runs["engine"].append(_run_measured("engine", **common, batch_size=args.batch_size))
+        runs["bare"].append(_run_measured("bare", **common))
+    a, b = np.load(runs["upstream"][-1]["out"]), np.load(runs["engine"][-1]["out"])
     sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
-    gflop = eng["chunks"] * HTDEMUCS_GFLOP_PER_SEGMENT
+    _cleanup(runs)
+    chunks = runs["engine"][0]["chunks"]
+    gflop = chunks * HTDEMUCS_GFLOP_PER_SEGMENT
     print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, "
-          f"{args.threads} threads, {eng['chunks']} chunks")
+          f"{args.threads} threads, batch size {args.batch_size}, {chunks} chunks, {args.rounds} interleaved rounds")
     print(f"# {_machine()}")
-    print(f"{'contender':<28}{'wall s':>9}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}")
-    for label, r in [("upstream demucs apply_model", up), ("ripper-dist engine", eng), ("bare ONNX Runtime loop", bare)]:
-        print(f"{label:<28}{r['wall_s']:>9.2f}{args.seconds / r['wall_s']:>12.3f}{gflop / r['wall_s']:>10.1f}"
-              f"{r['peak_rss_mb']:>13.0f}")
-    print(f"engine / upstream speed: {up['wall_s'] / eng['wall_s']:.2f}x; engine overhead over bare ORT: "
-          f"{(eng['wall_s'] / bare['wall_s'] - 1) * 100:.1f}%; engine vs upstream output: {sdr:.1f} dB SDR; "
-          f"CPU peak {CPU_PEAK_GFLOPS_2_CORES * os.cpu_count() / 2:.0f} GFLOP/s")
+    print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}")
+    best = {}
+    for key, label in [("upstream", "upstream demucs apply_model"), ("engine", "ripper-dist engine"),
+                       ("bare", "bare ONNX Runtime loop")]:
+        ws = [r["wall_s"] for r in runs[key]]
+        best[key] = (min(ws), float(np.median(ws)))
+        print(f"{label:<28}{min(ws):>11.2f}{np.median(ws):>11.2f}{args.seconds / min(ws):>12.3f}"
+              f"{gflop / min(ws):>10.1f}{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}")
+    print(f"engine / upstream speed: {best['upstream'][0] / best['engine'][0]:.2f}x (min) "
+          f"{best['upstream'][1] / best['engine'][1]:.2f}x (median); engine overhead over bare ORT: "
+          f"{(best['engine'][0] / best['bare'][0] - 1) * 100:.1f}% (min); engine vs upstream output: {sdr:.1f} dB SDR; "
+          f"CPU peak {CPU_PEAK_GFLOPS_2_CORES * os.cpu_count() / 2:.0f} GFLOP/s (x-realtime and GFLOP/s from the min; "
+          f"GFLOP/s counts upstream's {HTDEMUCS_GFLOP_PER_SEGMENT} GFLOP per segment for every contender)")
 
 
 def bench_cli(args) -> None:
-    repo, name = _repo(args.model)
+    prep = _run_measured("prepare", model=args.model, threads=args.threads)
+    repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
-    _bag(str(repo), name, args.threads)
     out = _work_dir() / "cli-out"
     ours = [sys.executable, "-m", "ripper_dist.cli", "separate", "--engine", "local", "--force", "--no-progress",
             "--repo", str(repo), "-n", name, "-o", str(out / "ours"), str(track)]
@@ -242,9 +348,9 @@ def bench_cli(args) -> None:
 
 
 def bench_pipeline(args) -> None:
-    repo, name = _repo(args.model)
+    prep = _run_measured("prepare", model=args.model, threads=args.threads)
+    repo, name = prep["repo"], prep["name"]
     tracks = [_track(args.seconds, name=f"t{i}", seed=i) for i in range(args.tracks)]
-    _bag(str(repo), name, args.threads)
     folder = tracks[0].parent
     out = _work_dir() / "pipeline-out"
     base = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "--repo", str(repo),
@@ -287,6 +393,86 @@ def bench_memory(args) -> None:
               f"{r['object_store_peak_mb']:>14.0f}")
 
 
+def bench_roformer(args) -> None:
+    """Torch reference vs ONNX Runtime, interleaved `--rounds` times (each contender in a fresh child per round)."""
+    import numpy as np
+    prep = _run_measured("prepare", roformer=args.config)  # export (and parity check) before timing
+    cfg, ckpt = prep["cfg"], prep["ckpt"]
+    track = _track(args.seconds)
+    common = dict(cfg=cfg, ckpt=ckpt, track=str(track), threads=args.threads, reps=args.reps)
+    runs: dict[str, list[dict]] = {"torch": [], "engine": []}
+    for _ in range(args.rounds):
+        runs["torch"].append(_run_measured("roformer_torch", **common))
+        runs["engine"].append(_run_measured("roformer_engine", **common))
+    a, b = np.load(runs["torch"][-1]["out"]), np.load(runs["engine"][-1]["out"])
+    sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
+    ca, cb = np.load(runs["torch"][-1]["chunk_out"]), np.load(runs["engine"][-1]["chunk_out"])
+    csdr = 10 * np.log10(np.sum(ca.astype(np.float64) ** 2) / max(np.sum((ca.astype(np.float64) - cb) ** 2), 1e-30))
+    _cleanup(runs)
+    chunk_sec = prep["chunk_samples"] / prep["sample_rate"]
+    print(f"# roformer benchmark: mel_band_roformer size={args.config}, chunk {prep['chunk_samples']} samples "
+          f"({chunk_sec:g} s), num_overlap {prep['num_overlap']}; track {args.seconds:g} s stereo "
+          f"({runs['engine'][0]['chunks']} chunks); {args.threads} threads; {args.rounds} rounds x {args.reps} "
+          f"chunk reps; graph parity {prep['parity_sdr_db']} dB")
+    print(f"# {_machine()}")
+    print(f"{'contender':<30}{'chunk s min':>12}{'chunk s med':>12}{'track s min':>12}{'track s med':>12}"
+          f"{'x-realtime':>11}{'peak RSS MB':>13}")
+    best = {}
+    for key, label in (("torch", "torch reference (bs-roformer)"), ("engine", "ripper-dist ONNX Runtime")):
+        cs = [c for r in runs[key] for c in r["chunk_s"]]
+        ws = [r["wall_s"] for r in runs[key]]
+        best[key] = (min(cs), float(np.median(cs)), min(ws), float(np.median(ws)))
+        print(f"{label:<30}{min(cs):>12.2f}{np.median(cs):>12.2f}{min(ws):>12.2f}{np.median(ws):>12.2f}"
+              f"{args.seconds / min(ws):>11.3f}{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}")
+    t, e = best["torch"], best["engine"]
+    print(f"engine / torch speed: one chunk {t[0] / e[0]:.2f}x (min) {t[1] / e[1]:.2f}x (median); "
+          f"track {t[2] / e[2]:.2f}x (min) {t[3] / e[3]:.2f}x (median); engine vs torch output: chunk "
+          f"{csdr:.1f} dB, track {sdr:.1f} dB SDR")
+
+
+def bench_graph(args) -> None:
+    """Per-chunk ONNX Runtime time of exported graphs, interleaved in one process (graph and session A/B tests).
+
+    Each FILE may carry session options after a colon, comma-separated: `ext` (graph level EXTENDED instead of ALL),
+    `basic`, `nospin` (session.intra_op.allow_spinning 0), `noarena` (no CPU memory arena).
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from ripper_dist.onnx_model import read_info
+    sessions = []
+    for spec in args.files:
+        path, _, opts = spec.partition(":")
+        opts = set(filter(None, opts.split(",")))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if "ext" in opts else
+                                       ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if "basic" in opts else
+                                       ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        if "nospin" in opts:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if "noarena" in opts:
+            so.enable_cpu_mem_arena = False
+        sessions.append((spec, ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])))
+    info = read_info(args.files[0].partition(":")[0])
+    x = np.random.default_rng(0).standard_normal((args.batch_size, info.channels, info.chunk_samples))
+    x = x.astype(np.float32)
+    outs, times = {}, {spec: [] for spec, _ in sessions}
+    for spec, sess in sessions:  # warm-up
+        outs[spec] = sess.run(None, {"mix": x})[0]
+    for _ in range(args.reps):
+        for spec, sess in sessions:
+            t0 = time.perf_counter()
+            sess.run(None, {"mix": x})
+            times[spec].append((time.perf_counter() - t0) / args.batch_size)
+    ref = outs[sessions[0][0]].astype(np.float64)
+    print(f"# per-chunk ONNX Runtime time, {info.family}, chunk {info.chunk_samples}, batch {args.batch_size}, "
+          f"{args.threads} threads, {args.reps} interleaved reps; {_machine()}")
+    for spec, ts in times.items():
+        d = outs[spec] - ref
+        sdr = 10 * np.log10(np.sum(ref ** 2) / max(float(np.sum(d * d)), 1e-30))
+        print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; vs first {sdr:6.1f} dB")
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, kw = sys.argv[2], json.loads(sys.argv[3])
@@ -303,13 +489,26 @@ def main(argv=None):
         p.add_argument("--threads", type=int, default=os.cpu_count())
         p.add_argument("--batch-size", type=int, default=1)
         p.add_argument("--tracks", type=int, default=10)
+        p.add_argument("--rounds", type=int, default=1, help="engine: interleaved rounds of all contenders")
     p = sub.add_parser("memory")
     p.add_argument("--small", type=int, default=20)
     p.add_argument("--large", type=int, default=200)
     p.add_argument("--short-seconds", type=float, default=5.0)
     p.add_argument("--long-minutes", type=float, default=30.0)
+    p = sub.add_parser("roformer")
+    p.add_argument("--config", default="vocals", choices=["vocals", "small"])
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--reps", type=int, default=1, help="timed single-chunk runs per child")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved torch/engine child pairs")
+    p = sub.add_parser("graph")
+    p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
-    {"engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "memory": bench_memory}[args.what](args)
+    {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "memory": bench_memory,
+     "roformer": bench_roformer}[args.what](args)
 
 
 if __name__ == "__main__":

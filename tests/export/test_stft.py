@@ -35,3 +35,48 @@ def test_istft_round_trip_fewer_bins():
     ref = torch.istft(z, 1024, 256, window=torch.hann_window(1024), center=True, length=9000)
     out = RealISTFT(1024, 256, n_bins=512)(re, im, 9000)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_fft,hop,win,normalized,n_bins", [
+    (4096, 1024, None, True, 2048),    # htdemucs (no Nyquist bin)
+    (1024, 256, None, False, None),    # with the Nyquist bin (K2 not a multiple of P)
+    (512, 128, 400, False, None),      # win_length < n_fft
+])
+def test_factorized_matches_dense(n_fft, hop, win, normalized, n_bins):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5 * n_fft + 37)
+    fast = RealSTFT(n_fft, hop, win, normalized, n_bins=n_bins)
+    dense = RealSTFT(n_fft, hop, win, normalized, n_bins=n_bins, factorized=False)
+    assert fast.split is not None and dense.split is None
+    (re, im), (re0, im0) = fast(x), dense(x)
+    scale = max(re0.abs().max(), im0.abs().max())
+    assert re.shape == re0.shape and torch.allclose(re, re0, atol=1e-5 * scale)
+    assert torch.allclose(im, im0, atol=1e-5 * scale)
+    length = x.shape[-1]
+    ifast = RealISTFT(n_fft, hop, win, normalized, n_bins=n_bins)
+    idense = RealISTFT(n_fft, hop, win, normalized, n_bins=n_bins, factorized=False)
+    y, y0 = ifast(re0, im0, length), idense(re0, im0, length)
+    assert (y - y0).norm() / y0.norm() < 1e-5
+    if n_bins is None:  # all bins kept: the round trip is exact
+        assert (y - x).norm() / x.norm() < 1e-5
+
+
+def test_center_false_frames_the_input_as_given():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4096 * 3)
+    re, im = RealSTFT(4096, 1024, normalized=True, n_bins=2048, center=False)(x)
+    ref = torch.stft(x, 4096, 1024, window=torch.hann_window(4096), center=False, normalized=True,
+                     return_complex=True)[:, :2048]
+    assert re.shape == ref.real.shape == (3, 2048, 9)
+    tol = 1e-4 * ref.abs().max()
+    assert torch.allclose(re, ref.real, atol=tol) and torch.allclose(im, ref.imag, atol=tol)
+    # the dense kernel stays available (Conv1d layout [re bins; im bins])
+    k = RealSTFT(4096, 1024, normalized=True, n_bins=2048, center=False).kernel
+    z = torch.nn.functional.conv1d(x[:, None], k, stride=1024)
+    assert torch.allclose(z[:, :2048], re, atol=tol)
+
+
+def test_factorized_refused_when_impossible():
+    with pytest.raises(ValueError):
+        RealSTFT(2048, 441, factorized=True)
+    assert RealISTFT(2048, 441).split is None   # RoFormer's hop: dense
