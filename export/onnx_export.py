@@ -18,6 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+# One version for every exporter, kept on the runtime side so a cache lookup needs no torch.
+from ripper_dist.export_cache import EXPORT_VERSION
+
 __all__ = [
     "EXPORT_VERSION",
     "ParityError",
@@ -30,8 +33,6 @@ __all__ = [
     "htdemucs_metadata",
 ]
 
-#: bump when the exported graph for the same checkpoint and options changes
-EXPORT_VERSION = "1"
 
 
 class ParityError(RuntimeError):
@@ -160,7 +161,7 @@ def htdemucs_metadata(model, chunk_samples: int, *, opset: int, parity_sdr_db: f
         "chunk_samples": int(chunk_samples),
         "exporter": "torchscript",
         "dynamic_batch": True,
-        "stft": "conv-real",
+        "stft": "real-dft-factorized",
         "attention": "matmul-softmax",
     }
     meta = {

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .sources import DemucsSource, cache_dir, sha256_file
 
-EXPORT_VERSION = "1"
+#: Bump when the graph exported for the same checkpoint and options changes (cached graphs are then re-exported).
+#: 2: factorised real DFT for the STFT/ISTFT.
+EXPORT_VERSION = "2"
 DEFAULT_OPSET = 17
 log = logging.getLogger(__name__)
 
