@@ -10,6 +10,7 @@ import torch
 
 from ripper_export.random_demucs import SOURCES_4, SOURCES_6, htdemucs_kwargs, make_htdemucs_checkpoint  # noqa: E402
 
+from ripper_dist.export_cache import EXPORT_VERSION  # noqa: E402
 from ripper_export.htdemucs import OnnxHTDemucs, UnsupportedModelError  # noqa: E402
 from ripper_export.onnx_export import (  # noqa: E402
     ParityError, export_demucs, htdemucs_metadata, ort_run, read_metadata, sdr_db, set_metadata)
@@ -108,7 +109,7 @@ def test_export_metadata_and_graph_contract(ckpts, exported4):
     assert stored["ripper.channels"] == "2"
     assert stored["ripper.chunk_samples"] == str(SEG)
     assert stored["ripper.segment_samples"] == str(SEG)
-    assert stored["ripper.export_version"] == "1"
+    assert stored["ripper.export_version"] == EXPORT_VERSION
     assert json.loads(stored["ripper.export_options"])["opset"] == 17
     assert stored["ripper.checkpoint_sha256"] == sha256_file(ckpts[4])
     assert stored["ripper.model_name"] == "unit"
@@ -169,7 +170,6 @@ def test_metadata_for_short_chunk(ckpts):
     assert "ripper.checkpoint_sha256" not in meta
 
 
-@pytest.mark.skipif(os.environ.get("RIPPER_SKIP_RELEASED") == "1", reason="RIPPER_SKIP_RELEASED=1")
 def test_released_size_export(tmp_path):
     """Released htdemucs kwargs (42M params, 7.8 s chunk): export + parity + one ORT run."""
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 
 from ripper_export.random_roformer import SMALL_CHUNK, make_roformer_checkpoint  # noqa: E402
 from ripper_dist.msst_chunking import add_complement, demix  # noqa: E402
+from ripper_dist.export_cache import EXPORT_VERSION  # noqa: E402
 from ripper_dist.onnx_model import GraphInfo  # noqa: E402
 from ripper_export.roformer import build_roformer, read_checkpoint  # noqa: E402
 from ripper_export.roformer_config import load_roformer_config  # noqa: E402
@@ -55,7 +56,7 @@ def test_export_parity_graph_and_metadata(tmp_path, family, wrap, num_stems, ste
     cfg = load_roformer_config(cfg_path)
     assert info.family == family and info.sample_rate == 44100 and info.channels == channels
     assert info.chunk_samples == SMALL_CHUNK and list(info.sources) == list(cfg.sources)
-    assert meta["ripper.export_version"] == "1"
+    assert meta["ripper.export_version"] == EXPORT_VERSION
     assert meta["ripper.checkpoint_sha256"] == "ab" * 32 and meta["ripper.export_options"] == '{"x": 1}'
     assert float(meta["ripper.parity_sdr_db"]) >= 60
     assert meta["ripper.num_overlap"] == "2" and meta["ripper.batch_size"] == "2"
