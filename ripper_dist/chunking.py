@@ -465,23 +465,25 @@ class OverlapAdd:
         return self._heap[0][0] if self._heap else self.length
 
     # -- input --------------------------------------------------------------------------------------------------------
-    def contribution(self, task: ChunkTask, output: np.ndarray) -> np.ndarray:
-        """(S, C, keep_len) this task adds to the result, from its model output (S, C, >= out_start + keep_len)."""
+    def contribution(self, task: ChunkTask, output: np.ndarray, *, kept: bool = False) -> np.ndarray:
+        """(S, C, keep_len) this task adds to the result, from its model output (S, C, >= out_start + keep_len),
+        or with `kept`, from just the kept part (S, C, >= keep_len) (what a remote worker ships back)."""
         out = np.asarray(output)
         if out.ndim != 3 or out.shape[0] != self.n_sources or out.shape[1] != self.channels:
             raise ValueError(f"output must be ({self.n_sources}, {self.channels}, chunk), got {out.shape}")
-        if out.shape[2] < task.out_start + task.keep_len or task.out_start < 0:
+        start = 0 if kept else task.out_start
+        if out.shape[2] < start + task.keep_len or start < 0:
             raise ValueError(f"output of length {out.shape[2]} does not cover task {task.key}")
-        kept = out[:, :, task.out_start:task.out_start + task.keep_len]
+        kept = out[:, :, start:start + task.keep_len]
         w = self._index.normalized(task)
         coef = (self._factor[task.model][:, None, None] * w[None, None, :]).astype(self.dtype)
         return kept.astype(self.dtype, copy=False) * coef
 
-    def add(self, task: ChunkTask, output: np.ndarray) -> None:
-        """Add the model output (S, C, chunk_samples) of one task of the plan."""
+    def add(self, task: ChunkTask, output: np.ndarray, *, kept: bool = False) -> None:
+        """Add the model output (S, C, chunk_samples) of one task of the plan (`kept`: see `contribution`)."""
         if task.key not in self._pending or self._pending[task.key] != task:
             raise ValueError(f"task {task.key} is not pending (unknown, different, or already added)")
-        contrib = self.contribution(task, output)
+        contrib = self.contribution(task, output, kept=kept)
         a = task.keep_start - self._base
         b = a + task.keep_len
         if a < 0:  # cannot happen: a pending task keeps `ready` at or before its start

@@ -74,11 +74,13 @@ def _usable_cores() -> int:
 
 
 def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 *, profile: str | None = None) -> ort.InferenceSession:
+                 *, profile: str | None = None, spin: bool = True) -> ort.InferenceSession:
     """Create a session; raise ProviderError when the requested GPU provider did not start."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or int(os.environ.get("RIPPER_DIST_THREADS", 0)) or _usable_cores()
+    if not spin:  # a process sharing its cores (a Ray actor beside the driver) must not busy-wait between ops
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if profile:
@@ -116,8 +118,8 @@ class OnnxRunner:
     """The engine's runner protocol over one ONNX Runtime session: `(B, C, chunk) -> (B, S, C, chunk)` float32."""
 
     def __init__(self, model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 *, profile: str | None = None):
-        self.session = make_session(model, device, threads, profile=profile)
+                 *, profile: str | None = None, spin: bool = True):
+        self.session = make_session(model, device, threads, profile=profile, spin=spin)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = GraphInfo.from_metadata(meta)
         self.chunk_samples = self.info.chunk_samples

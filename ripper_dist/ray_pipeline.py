@@ -75,10 +75,9 @@ class DemucsScheme:
     def kept(task: ChunkTask, output: np.ndarray) -> np.ndarray:
         return output[:, :, task.out_start:task.out_start + task.keep_len]
 
-    def add(self, out: TrackOutput, task: ChunkTask, kept: np.ndarray) -> int:
-        full = np.zeros((self.n_sources, self.channels, task.out_start + task.keep_len), dtype=np.float32)
-        full[:, :, task.out_start:] = kept[:, :, :task.keep_len]
-        return out.add(task, full)
+    @staticmethod
+    def add(out: TrackOutput, task: ChunkTask, kept: np.ndarray) -> int:
+        return out.add(task, kept, kept=True)
 
     def track_output(self, job: Job, track, info, batch, i, length: int) -> TrackOutput:
         p = self.planner
@@ -170,7 +169,8 @@ class ChunkSeparator:
         # down so a fault can be injected mid-run.
         device = os.environ.get("RIPPER_DIST_ORT_DEVICE_OVERRIDE") or device
         self.delay = float(os.environ.get("RIPPER_DIST_CHUNK_DELAY", 0))
-        self.runners = {m: OnnxRunner(g, device, threads) for m, g in enumerate(graphs) if g is not None}
+        spin = os.environ.get("RIPPER_DIST_ORT_SPIN", "0") == "1"  # actors share cores with the driver and planners
+        self.runners = {m: OnnxRunner(g, device, threads, spin=spin) for m, g in enumerate(graphs) if g is not None}
         self.scheme, self.batch_size = scheme, batch_size
         self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -222,10 +222,14 @@ class ChunkSeparator:
         return result
 
 
-def _init_ray(args):
+def init_ray(args) -> None:
+    """Start the embedded local Ray, or join the cluster at `--address`; a no-op when Ray is already up.
+
+    Whether this command started Ray (and so must stop it) is remembered on `args`.
+    """
     import ray
     if ray.is_initialized():
-        return False
+        return
     address = getattr(args, "address", None)
     import logging
     verbose = bool(getattr(args, "verbose", False))
@@ -239,7 +243,7 @@ def _init_ray(args):
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=getattr(args, "num_cpus", None) or os.cpu_count(), **kwargs)
-    return True
+    args._ray_started_here = True
 
 
 def _pool_shape(args, resources: dict) -> dict:
@@ -253,10 +257,13 @@ def _pool_shape(args, resources: dict) -> dict:
         return dict(actors=actors, num_gpus=1, num_cpus=0.5, threads=args.threads or 1,
                     device=f"{kind}:0")  # Ray sets CUDA_VISIBLE_DEVICES per actor
     cpus = int(resources.get("CPU", 1))
-    threads = args.threads or min(cpus, 8)
+    # Several narrow actors beat one wide one: an ORT op parallelised over all cores stalls whenever the driver's
+    # reducer or a planning task takes one of them (measured on 2 cores: 2 actors x 1 thread 6% over the local
+    # engine, 1 actor x 2 threads 15%). Wider actors on big machines keep the number of sessions (memory) sane.
+    threads = args.threads or max(1, min(4, cpus // 4))
     actors = args.actors or max(1, cpus // threads)
-    # Each actor reserves its threads' cores, less a little so the planning tasks and the driver can run.
-    return dict(actors=actors, num_gpus=0, num_cpus=max(0.5, threads - 0.5), threads=threads, device="cpu")
+    # Logical CPUs a little under the threads, so the planning tasks (0.25 CPU) always find room beside the pool.
+    return dict(actors=actors, num_gpus=0, num_cpus=0.75 * threads, threads=threads, device="cpu")
 
 
 class StreamingReducer:
@@ -342,7 +349,7 @@ def run_ray(job: Job, args) -> list[dict]:
     tracks = {i: t for i, t in enumerate(job.todo)}
     if not tracks:
         return []
-    started_here = _init_ray(args)
+    init_ray(args)
     progress = None
     reducer = None
     try:
@@ -372,8 +379,9 @@ def run_ray(job: Job, args) -> list[dict]:
         if progress is not None:
             progress.close()
         job.manifest.compact()
-        if started_here:
+        if getattr(args, "_ray_started_here", False):
             ray.shutdown()
+            args._ray_started_here = False
     return reducer.rows if reducer else []
 
 

@@ -245,8 +245,8 @@ def run_separation(args) -> int:
 
 def run_stage(args, tracks: list[TrackInput] | None = None) -> int:
     t0 = time.monotonic()
-    job = plan_job(args, tracks)
     engine = getattr(args, "engine", "local")
+    job = plan_job(args, tracks)
     if engine == "ray":
         from .ray_pipeline import run_ray
         rows = run_ray(job, args)

@@ -68,9 +68,9 @@ class TrackOutput:
             self.done_samples += n
         return n
 
-    def add(self, task: ChunkTask, output: np.ndarray) -> int:
-        """Add one model output; returns how many model-rate samples became final (for progress)."""
-        self.acc.add(task, output)
+    def add(self, task: ChunkTask, output: np.ndarray, *, kept: bool = False) -> int:
+        """Add one model output (`kept`: only its kept part); returns how many model-rate samples became final."""
+        self.acc.add(task, output, kept=kept)
         return self._emit(self.acc.pop_ready())
 
     def finish(self) -> tuple[dict[str, Path], int]:
