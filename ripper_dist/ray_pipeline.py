@@ -19,6 +19,7 @@ track's row, never a crash of the job.
 from __future__ import annotations
 
 import collections
+import warnings
 import os
 import socket
 import time
@@ -234,9 +235,10 @@ def init_ray(args) -> None:
     import logging
     verbose = bool(getattr(args, "verbose", False))
     if not verbose:  # Ray's own INFO/WARNING chatter (token auth, deprecations) would bury the progress bar
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"ray\.")
     kwargs = dict(include_dashboard=False, log_to_driver=verbose,
                   logging_level=logging.INFO if verbose else logging.ERROR)
     if address:
