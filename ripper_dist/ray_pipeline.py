@@ -19,10 +19,10 @@ track's row, never a crash of the job.
 from __future__ import annotations
 
 import collections
-import warnings
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
