@@ -360,6 +360,10 @@ def run_ray(job: Job, args) -> list[dict]:
         graph_refs = [ray.put(g) if m in scheme.models else None for m, g in enumerate(bundle.graphs)]
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the reducer then holds only the tracks in flight
+        # Chunk rows are ~200 bytes: with the default 128 MiB blocks, all chunks of a long track would form one block,
+        # i.e. one actor task (no spreading over actors) whose outputs pile up. Small blocks give a few dozen chunk
+        # rows per task, and every chunk output (megabytes) becomes a block of its own.
+        ctx.target_max_block_size = 8 * 1024
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
