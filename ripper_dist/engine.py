@@ -17,7 +17,7 @@ import numpy as np
 
 from .audio import AudioReader, mix_stats as file_mix_stats, probe, resampled_length
 from .chunking import ChunkTask, MixStats, OverlapAdd, mix_stats, normalize, plan_chunks, read_window
-from .track_output import TrackOutput, needed_models
+from .track_output import TrackOutput, needed_models, select_stems
 
 __all__ = ["DemucsBag", "Runner", "separate_array", "separate_file", "separate_track"]
 
@@ -102,16 +102,6 @@ class DemucsBag:
             inputs = self.input_samples or segs
         return plan_chunks(length, segment_samples=segs, chunk_samples=chunks, overlap=overlap, shifts=shifts,
                            seed=seed, max_shift=self.max_shift, n_models=len(self.runners), input_samples=inputs)
-
-
-def _check_stems(bag: DemucsBag, stems: Sequence[str] | None) -> list[str]:
-    if stems is None:
-        return list(bag.sources)
-    stems = list(dict.fromkeys(stems))
-    unknown = [s for s in stems if s not in bag.sources]
-    if unknown:
-        raise ValueError(f"unknown stem(s) {unknown}: the model has {bag.sources}")
-    return stems
 
 
 def _execute(bag: DemucsBag, tasks: Sequence[ChunkTask], window: Callable[[ChunkTask, int], np.ndarray],
@@ -209,7 +199,7 @@ def separate_track(bag: DemucsBag, path: str | os.PathLike, out_paths: Mapping[s
     path = Path(path)
     out_paths = {s: Path(p) for s, p in out_paths.items()}
     if stem_map is None:
-        stem_map = {s: [bag.sources.index(s)] for s in _check_stems(bag, list(out_paths))}
+        stem_map = select_stems(bag.sources, list(out_paths), None)
     stem_map = {s: list(v) for s, v in stem_map.items()}
     if set(stem_map) != set(out_paths):
         raise ValueError(f"stems {sorted(stem_map)} and output paths {sorted(out_paths)} differ")
@@ -255,7 +245,7 @@ def separate_file(bag: DemucsBag, path: str | os.PathLike, out_dir: str | os.Pat
     "model_frames"}.
     """
     path = Path(path)
-    wanted = _check_stems(bag, stems)
+    wanted = list(select_stems(bag.sources, stems, None))
     info = probe(path)
     out_paths = {s: _stem_path(Path(out_dir), filename, path, s, fmt) for s in wanted}
     paths = separate_track(bag, path, out_paths, fmt=fmt, subtype=subtype, clip=clip, shifts=shifts,
