@@ -14,6 +14,18 @@ from pathlib import Path
 from . import __version__
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of chunks or auto")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-n", "--name", "--model", dest="model", default="htdemucs",
@@ -36,7 +48,9 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the shifts' offsets")
     g.add_argument("--overlap", type=float, default=0.25, help="overlap between Demucs chunks (default 0.25)")
     g.add_argument("--num-overlap", type=int, help="RoFormer: chunks per chunk length (default from the config)")
-    g.add_argument("--batch-size", type=int, default=1, help="chunks per ONNX Runtime run")
+    g.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="chunks per ONNX Runtime run, or auto (default): 1 on the CPU; on a GPU as many as its free "
+                        "memory holds (measured, at most 16), halved if a batch fails to allocate")
     g.add_argument("--stems", help="comma-separated stems to keep (default: all)")
     g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (mix minus STEM)")
     g.add_argument("--then", action="append", metavar="STEM=MODEL",

@@ -6,12 +6,15 @@ only the ONNX bytes. Asking for a GPU provider that cannot start is an error, ne
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+log = logging.getLogger(__name__)
 
 
 class ProviderError(RuntimeError):
@@ -53,16 +56,41 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(idx or 0)
 
 
-def providers_for(device: str, *, trt_cache: Path | None = None, fp16: bool = False) -> list:
+def providers_for(device: str, *, trt_cache: Path | None = None, fp16: bool = False,
+                  trt_shapes: tuple[str, tuple[int, ...], int] | None = None) -> list:
+    """ORT providers for a device. The CUDA arena grows by what is asked (not by doubling), so a batch measured to
+    fit is not refused for the arena's rounding. TensorRT gets an engine + timing cache (building an engine takes
+    minutes; the cache makes it once per GPU model and graph) and, given `trt_shapes` = (input name, shape of one item,
+    largest batch), an optimisation profile over the dynamic batch axis so no batch size rebuilds the engine."""
     kind, idx = parse_device(device)
     if kind == "cpu":
         return ["CPUExecutionProvider"]
-    cuda = ("CUDAExecutionProvider", {"device_id": idx})
+    cuda = ("CUDAExecutionProvider", {"device_id": idx, "arena_extend_strategy": "kSameAsRequested"})
     if kind == "cuda":
         return [cuda, "CPUExecutionProvider"]
+    if trt_cache is None:
+        from .sources import cache_dir
+        trt_cache = cache_dir() / "tensorrt"
     trt_opts = {"device_id": idx, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(trt_cache or Path.home() / ".cache" / "ripper-dist" / "trt")}
+                "trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(trt_cache)}
+    if trt_shapes is not None:
+        name, item, largest = trt_shapes
+        dims = "x".join(str(d) for d in item)
+        trt_opts |= {"trt_profile_min_shapes": f"{name}:1x{dims}",
+                     "trt_profile_opt_shapes": f"{name}:{largest}x{dims}",
+                     "trt_profile_max_shapes": f"{name}:{largest}x{dims}"}
     return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+
+
+def _trt_shapes(model: bytes | str | Path, largest: int) -> tuple[str, tuple[int, ...], int]:
+    """(input name, per-item shape, largest batch) for TensorRT's profile, read from the graph without weights."""
+    import io
+
+    import onnx
+    proto = onnx.load_model(io.BytesIO(model) if isinstance(model, bytes) else str(model), load_external_data=False)
+    inp = proto.graph.input[0]
+    return inp.name, tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:]), largest
 
 
 def _usable_cores() -> int:
@@ -74,7 +102,7 @@ def _usable_cores() -> int:
 
 
 def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 *, profile: str | None = None, spin: bool = True) -> ort.InferenceSession:
+                 *, profile: str | None = None, spin: bool = True, max_batch: int = 16) -> ort.InferenceSession:
     """Create a session; raise ProviderError when the requested GPU provider did not start."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -87,7 +115,7 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
     kind, _ = parse_device(device)
-    providers = providers_for(device)
+    providers = providers_for(device, trt_shapes=_trt_shapes(model, max_batch) if kind == "tensorrt" else None)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if wanted not in ort.get_available_providers():
         raise ProviderError(f"{wanted} is not available in this onnxruntime build "
@@ -114,19 +142,97 @@ def read_info(model: bytes | str | Path) -> GraphInfo:
     return GraphInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
 
 
+#: `--batch-size auto` on a GPU: at most this many chunks per run (htdemucs: 16 x 7.8 s; beyond that a GPU is busy
+#: anyway, and a Ray batch's outputs, 16 x 44 MB, stay small in the object store).
+AUTO_BATCH_CAP = 16
+
+
+def batch_plan(batch_size: int | str, device: str) -> tuple[int, bool]:
+    """(chunks handed to a runner per call, whether runners size their batch to the GPU) for `--batch-size`."""
+    on_gpu = parse_device(device)[0] != "cpu"
+    if batch_size == "auto":
+        return (AUTO_BATCH_CAP, True) if on_gpu else (1, False)
+    return max(1, int(batch_size)), False
+
+
 class OnnxRunner:
-    """The engine's runner protocol over one ONNX Runtime session: `(B, C, chunk) -> (B, S, C, chunk)` float32."""
+    """The engine's runner protocol over one ONNX Runtime session: `(B, C, chunk) -> (B, S, C, chunk)` float32.
+
+    On a GPU the runner uses I/O binding: input and output live in device buffers allocated once per batch shape and
+    reused, so a run is one host-to-device copy in, one device-to-host copy out, and no per-run allocation of the
+    (hundreds of MB) output. A batch larger than `max_batch` is run in pieces; on a GPU, a piece that fails to
+    allocate halves `max_batch` and is retried, so a batch never dies of memory while one chunk still fits.
+    """
 
     def __init__(self, model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 *, profile: str | None = None, spin: bool = True):
-        self.session = make_session(model, device, threads, profile=profile, spin=spin)
+                 *, profile: str | None = None, spin: bool = True, bind: bool | None = None,
+                 max_batch: int | None = None):
+        kind, idx = parse_device(device)
+        self.session = make_session(model, device, threads, profile=profile, spin=spin, max_batch=max_batch or 16)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = GraphInfo.from_metadata(meta)
         self.chunk_samples = self.info.chunk_samples
         self.device = device
+        self.on_gpu = kind != "cpu"
+        self.max_batch = max_batch
+        self.calibration: dict | None = None
+        self._device = ("cuda", idx) if self.on_gpu else ("cpu", 0)
+        self._bind = self.on_gpu if bind is None else bind
         self._input = self.session.get_inputs()[0].name
-        self._output = self.session.get_outputs()[0].name
+        out = self.session.get_outputs()[0]
+        self._output = out.name
+        self._out_item = tuple(out.shape[1:]) if all(isinstance(d, int) for d in out.shape[1:]) else None
+        self._bound: dict[int, tuple] = {}  # batch size -> (binding, input OrtValue, output OrtValue)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run([self._output], {self._input: batch})[0]
+        parts, k = [], 0
+        while k < len(batch):
+            piece = batch[k:k + (self.max_batch or len(batch))]
+            try:
+                parts.append(self._run(piece))
+            except Exception as e:  # noqa: BLE001 - only an allocation failure on a GPU is retried
+                from .gpu_memory import is_out_of_memory
+                if not (self.on_gpu and len(piece) > 1 and is_out_of_memory(e)):
+                    raise
+                self._bound.clear()
+                self.max_batch = max(1, len(piece) // 2)
+                log.warning("%s: a batch of %d chunks did not fit in GPU memory; batches of %d from now on",
+                            self.device, len(piece), self.max_batch)
+                continue
+            k += len(piece)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if not self._bind or self._out_item is None:
+            return self.session.run([self._output], {self._input: batch})[0]
+        slot = self._bound.get(len(batch))
+        if slot is None:
+            while len(self._bound) >= 2:  # a full batch and a track's last, shorter one
+                self._bound.pop(next(iter(self._bound)))
+            kind, idx = self._device
+            x = ort.OrtValue.ortvalue_from_shape_and_type(batch.shape, np.float32, kind, idx)
+            y = ort.OrtValue.ortvalue_from_shape_and_type((len(batch),) + self._out_item, np.float32, kind, idx)
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(self._input, x)
+            binding.bind_ortvalue_output(self._output, y)
+            slot = self._bound[len(batch)] = (binding, x, y)
+        binding, x, y = slot
+        x.update_inplace(batch)
+        self.session.run_with_iobinding(binding)
+        out = y.numpy()
+        return out if self.on_gpu else out.copy()  # a CPU OrtValue's array is the reused buffer itself
+
+    def fit_to_gpu(self, cap: int = AUTO_BATCH_CAP, free_bytes=None) -> int:
+        """Set `max_batch` to what this GPU's free memory holds (see gpu_memory); returns it. CPU: unchanged."""
+        if not self.on_gpu:
+            return self.max_batch or 1
+        from .gpu_memory import calibrate, gpu_memory
+        free_bytes = free_bytes or (lambda: gpu_memory(self._device[1])[0])
+        probe = np.zeros((1, self.info.channels, self.chunk_samples), np.float32)
+        self.max_batch = None
+        batch, self.calibration = calibrate(lambda b: self._run(np.repeat(probe, b, axis=0)), free_bytes, cap=cap)
+        self._bound.clear()
+        self.max_batch = batch
+        log.info("%s: %s", self.device, self.calibration)
+        return batch

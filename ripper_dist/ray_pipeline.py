@@ -29,6 +29,7 @@ import numpy as np
 
 from .audio import AudioError, AudioReader, mix_stats, probe
 from .chunking import ChunkTask, MixStats, read_window
+from .onnx_model import batch_plan
 from .separator import Job, Progress, done_row, failed_row
 from .sources import sha256_file
 from .track_output import TrackOutput
@@ -161,7 +162,8 @@ def _plan_track(row: dict, *, scheme) -> list[dict]:
 class ChunkSeparator:
     """Actor: ONNX Runtime sessions for every (sub-)model; (chunk rows) -> (kept outputs)."""
 
-    def __init__(self, graph_refs, *, scheme, device: str, threads: int | None, batch_size: int):
+    def __init__(self, graph_refs, *, scheme, device: str, threads: int | None, batch_size: int,
+                 fit_gpu: bool = False):
         import ray
 
         from .onnx_model import OnnxRunner
@@ -172,6 +174,9 @@ class ChunkSeparator:
         self.delay = float(os.environ.get("RIPPER_DIST_CHUNK_DELAY", 0))
         spin = os.environ.get("RIPPER_DIST_ORT_SPIN", "0") == "1"  # actors share cores with the driver and planners
         self.runners = {m: OnnxRunner(g, device, threads, spin=spin) for m, g in enumerate(graphs) if g is not None}
+        if fit_gpu:  # `--batch-size auto`: each session measures what its GPU holds (and halves on OOM)
+            for r in self.runners.values():
+                r.fit_to_gpu(batch_size)
         self.scheme, self.batch_size = scheme, batch_size
         self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -370,10 +375,11 @@ def run_ray(job: Job, args) -> list[dict]:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(_plan_track, fn_kwargs=dict(scheme=scheme),
                          num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=max(2, shape["actors"])))
+        rows, fit_gpu = batch_plan(args.batch_size, shape["device"])
         ds = ds.map_batches(
-            ChunkSeparator, batch_size=max(1, args.batch_size), batch_format="numpy",
+            ChunkSeparator, batch_size=rows, batch_format="numpy",
             fn_constructor_kwargs=dict(graph_refs=graph_refs, scheme=scheme, device=shape["device"],
-                                       threads=shape["threads"], batch_size=max(1, args.batch_size)),
+                                       threads=shape["threads"], batch_size=rows, fit_gpu=fit_gpu),
             compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
             num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
         progress = Progress(sum(_duration(t.path) for t in tracks.values()), enabled=not args.no_progress)

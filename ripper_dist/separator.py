@@ -165,16 +165,26 @@ def total_duration(tracks: list[TrackInput]) -> float:
 def _track_separator(job: Job, args, progress: "Progress"):
     """A function track -> {stem: path} for this job's model family (Demucs bag or RoFormer)."""
     from .engine import separate_track, separate_track_msst
+    from .onnx_model import OnnxRunner, batch_plan
     bundle = job.bundle
-    common = dict(stem_map=job.stem_map, fmt=job.fmt, subtype=job.subtype, clip=job.clip, batch_size=args.batch_size)
+    batch_size, fit_gpu = batch_plan(args.batch_size, args.device)
+
+    def fitted(runners: list) -> int:
+        """`--batch-size auto` on a GPU: each runner measures what fits; the engine feeds the largest of them."""
+        sizes = [r.fit_to_gpu(batch_size) for r in runners if isinstance(r, OnnxRunner)] if fit_gpu else []
+        return max(sizes, default=batch_size)
+
+    common = dict(stem_map=job.stem_map, fmt=job.fmt, subtype=job.subtype, clip=job.clip)
     if bundle.is_roformer:
         runner = bundle.roformer_runner(args.device, args.threads)
+        common["batch_size"] = fitted([runner])
         sr = runner.info.sample_rate
         return lambda track: separate_track_msst(
             runner, track.path, job.stem_paths(track), instruments=bundle.instruments,
             target_instrument=bundle.target_instrument, num_overlap=args.num_overlap or bundle.num_overlap,
             progress=lambda n: progress.update(n / sr), **common)
     bag = bundle.demucs_bag(args.device, args.threads, job.models)
+    common["batch_size"] = fitted(bag.runners)
     segment = None if args.segment is None else int(args.segment * bag.sample_rate)
     return lambda track: separate_track(
         bag, track.path, job.stem_paths(track), shifts=args.shifts, seed=args.seed, overlap=args.overlap,

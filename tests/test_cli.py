@@ -144,3 +144,14 @@ def test_malicious_checkpoint_refused_and_never_runs(tmp_path, tracks, capsys):
     err = capsys.readouterr().err
     assert "refusing to load" in err and "system" in err, err  # names the global it found
     assert not marker.exists()
+
+
+def test_batch_size_flag(capsys):
+    from ripper_dist.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["separate", "x.wav"]).batch_size == "auto"
+    assert parse(["separate", "--batch-size", "4", "x.wav"]).batch_size == 4
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit):
+            parse(["separate", "--batch-size", bad, "x.wav"])
+    assert "positive number of chunks or auto" in capsys.readouterr().err

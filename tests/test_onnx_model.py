@@ -56,3 +56,87 @@ def test_parse_device():
     assert parse_device("cuda:2") == ("cuda", 2) and parse_device("cpu") == ("cpu", 0)
     with pytest.raises(ValueError):
         parse_device("tpu")
+
+
+def test_io_binding_equals_plain_run_and_never_aliases_its_buffers():
+    """The bound path (used on GPUs) gives the same numbers as session.run, per batch shape, and a result stays
+    valid after later runs reuse the device buffers."""
+    plain = OnnxRunner(_graph(), "cpu", threads=1, bind=False)
+    bound = OnnxRunner(_graph(), "cpu", threads=1, bind=True)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((b, 2, 16)).astype(np.float32) for b in (3, 3, 1, 2, 3)]
+    results = [bound(x) for x in xs]
+    for x, y in zip(xs, results):
+        assert np.array_equal(y, plain(x))
+    assert len(bound._bound) <= 2  # buffers for at most two batch shapes are kept
+
+
+def test_max_batch_runs_a_large_batch_in_pieces():
+    runner = OnnxRunner(_graph(), "cpu", threads=1, max_batch=2)
+    calls = []
+    run = runner._run
+    runner._run = lambda b: calls.append(len(b)) or run(b)
+    x = np.random.default_rng(2).standard_normal((5, 2, 16)).astype(np.float32)
+    assert np.allclose(runner(x)[:, 1], 2 * x)
+    assert calls == [2, 2, 1]
+
+
+def test_gpu_out_of_memory_halves_the_batch_and_retries():
+    """A piece that fails to allocate on a GPU is split, and later batches use the smaller size; one chunk that
+    does not fit, or any other error, is raised."""
+    runner = OnnxRunner(_graph(), "cpu", threads=1)
+    runner.on_gpu = True  # the back-off is device logic; simulate the CUDA provider's allocation error
+    run, calls = runner._run, []
+
+    def limited(b):
+        calls.append(len(b))
+        if len(b) > 3:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory")
+        return run(b)
+    runner._run = limited
+    x = np.random.default_rng(3).standard_normal((8, 2, 16)).astype(np.float32)
+    assert np.allclose(runner(x)[:, 1], 2 * x)
+    assert calls == [8, 4, 2, 2, 2, 2] and runner.max_batch == 2
+    runner._run = lambda b: (_ for _ in ()).throw(RuntimeError("Failed to allocate memory for requested buffer"))
+    with pytest.raises(RuntimeError, match="allocate"):
+        runner(x[:1])
+    runner.max_batch = None
+    runner._run = lambda b: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        runner(x)
+
+
+def test_fit_to_gpu_measures_the_memory_per_chunk():
+    """Calibration on a simulated device: 1 GiB weights, 300 MiB per chunk, 8 GiB card."""
+    runner = OnnxRunner(_graph(), "cpu", threads=1)
+    assert runner.fit_to_gpu(cap=16) == 1  # a CPU runner is left as it is
+    runner.on_gpu = True
+    largest = [0]
+    run = runner._run
+    runner._run = lambda b: largest.__setitem__(0, max(largest[0], len(b))) or run(b)
+    free = lambda: (8 << 30) - (1 << 30) * (largest[0] > 0) - (300 << 20) * largest[0]  # noqa: E731
+    batch = runner.fit_to_gpu(cap=64, free_bytes=free)
+    spare = int(((8 << 30) - (1 << 30) - 600 * (1 << 20)) * 0.85) - (512 << 20)
+    assert batch == 2 + spare // (300 << 20) and runner.max_batch == batch
+    assert runner.calibration["per_item"] == 300 << 20
+    assert runner.fit_to_gpu(cap=4, free_bytes=free) == 4
+
+
+def test_tensorrt_gets_an_engine_cache_and_a_batch_profile(tmp_path):
+    from ripper_dist.onnx_model import _trt_shapes, providers_for
+    shapes = _trt_shapes(_graph(), 8)
+    assert shapes == ("mix", (2, 16), 8)
+    trt, cuda, cpu = providers_for("tensorrt:1", trt_cache=tmp_path, trt_shapes=shapes)
+    assert trt[0] == "TensorrtExecutionProvider" and cpu == "CPUExecutionProvider"
+    opts = trt[1]
+    assert opts["device_id"] == 1 and opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path)
+    assert opts["trt_profile_min_shapes"] == "mix:1x2x16" and opts["trt_profile_max_shapes"] == "mix:8x2x16"
+    assert cuda == ("CUDAExecutionProvider", {"device_id": 1, "arena_extend_strategy": "kSameAsRequested"})
+
+
+def test_batch_plan():
+    from ripper_dist.onnx_model import AUTO_BATCH_CAP, batch_plan
+    assert batch_plan("auto", "cpu") == (1, False)
+    assert batch_plan("auto", "cuda:1") == (AUTO_BATCH_CAP, True)
+    assert batch_plan("auto", "tensorrt") == (AUTO_BATCH_CAP, True)
+    assert batch_plan(6, "cuda") == (6, False) and batch_plan(3, "cpu") == (3, False)
