@@ -1,9 +1,10 @@
 """Benchmarks: x-realtime and peak memory of ripper-dist against its baselines, side by side in one run.
 
-    python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B]
-                                  [--rounds R]
+    python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B|auto]
+                                  [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]]
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
+        On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
     python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
         per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
     python jobs/bench.py cli      [--seconds 60]
@@ -12,7 +13,7 @@
         the Ray job vs the single-process engine on the same tracks and cores (Ray overhead).
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
         peak RSS of the Ray driver and peak object-store use: many short tracks vs few, and one long track.
-    python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N]
+    python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N] [--device cpu|cuda[:N]]
         Mel-Band RoFormer (random weights at Kim's vocals configuration): the torch reference (bs-roformer 0.3.10,
         the model the exporter checks parity against) vs the ripper-dist ONNX Runtime runner, on one chunk and on a
         short track through MSST `demix` (same chunking code for both, so the difference is the model runtime).
@@ -81,20 +82,63 @@ def _load_mix(path: str):
     return read_audio(path, 44100, 2)
 
 
-def child_upstream(repo: str, name: str, track: str, overlap: float, threads: int) -> dict:
+def _torch_device(device: str) -> str:
+    """ORT device names to torch's: tensorrt:N compares against torch on cuda:N."""
+    kind, _, idx = device.partition(":")
+    return "cpu" if kind == "cpu" else f"cuda:{idx or 0}"
+
+
+class _GpuMemory:
+    """Peak device memory in use during a block (NVML, sampled every 10 ms), over what was in use before it."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb = device, None
+
+    def __enter__(self):
+        import threading
+        if self.device.startswith("cpu"):
+            return self
+        from ripper_dist.gpu_memory import gpu_memory
+        idx = int(self.device.partition(":")[2] or 0)
+        used = lambda: (lambda f, t: t - f)(*gpu_memory(idx))  # noqa: E731
+        base, peak, self._stop = used(), [0], threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                peak[0] = max(peak[0], used() - base)
+                time.sleep(0.01)
+        self._peak, self._thread = peak, threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.device.startswith("cpu"):
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = self._peak[0] / 2 ** 20
+
+
+def child_upstream(repo: str, name: str, track: str, overlap: float, threads: int, device: str = "cpu") -> dict:
     import torch
     from demucs.apply import apply_model
     from demucs.pretrained import get_model
     torch.set_num_threads(threads)
-    model = get_model(name, repo=Path(repo))
+    dev = _torch_device(device)
+    model = get_model(name, repo=Path(repo)).to(dev)
     mix = torch.from_numpy(_load_mix(track))
-    t0 = time.perf_counter()
-    ref = mix.mean(0)
-    wav = (mix - ref.mean()) / (ref.std() + 1e-8)
-    with torch.no_grad():
-        out = apply_model(model, wav[None], shifts=0, split=True, overlap=overlap, progress=False)[0]
-    out = out * (ref.std() + 1e-8) + ref.mean()
-    return {"wall_s": time.perf_counter() - t0, "out": _save(out.numpy())}
+    if dev != "cpu":  # cuDNN autotuning and CUDA context start are not the steady state
+        with torch.no_grad():
+            apply_model(model, mix[None, :, :44100 * 8], shifts=0, split=True, overlap=overlap, device=dev)
+        torch.cuda.synchronize()
+    with _GpuMemory(device) as mem:
+        t0 = time.perf_counter()
+        ref = mix.mean(0)
+        wav = (mix - ref.mean()) / (ref.std() + 1e-8)
+        with torch.no_grad():
+            out = apply_model(model, wav[None], shifts=0, split=True, overlap=overlap, progress=False, device=dev)[0]
+        out = (out.cpu() * (ref.std() + 1e-8) + ref.mean())
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "out": _save(out.numpy()), "gpu_peak_mb": mem.peak_mb}
 
 
 def _save(arr) -> str:
@@ -113,35 +157,53 @@ def _cleanup(runs: dict) -> None:
                     Path(r[key]).unlink(missing_ok=True)
 
 
-def _bag(repo: str, name: str, threads: int):
+def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: int | str = 1):
+    """The engine's bag on `device`; returns (bag, batch size the engine feeds), sized as `separate` sizes it."""
+    import numpy as np
     from ripper_dist.export_cache import export_demucs_source
     from ripper_dist.models import ModelBundle
+    from ripper_dist.onnx_model import batch_plan
     from ripper_dist.sources import resolve_demucs
     bundle = ModelBundle.from_exported(export_demucs_source(resolve_demucs(name, repo=Path(repo))))
-    return bundle.demucs_bag("cpu", threads)
+    bag = bundle.demucs_bag(device, threads)
+    rows, fit = batch_plan(batch_size, device)
+    if fit:
+        rows = max(r.fit_to_gpu(rows) for r in bag.runners)
+    if not device.startswith("cpu"):  # CUDA context, cuDNN autotuning, TensorRT engine (cache): not the steady state
+        for r in bag.runners:
+            r(np.zeros((rows, bag.channels, r.chunk_samples), np.float32))
+    return bag, rows
 
 
-def child_engine(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int = 1) -> dict:
+def child_engine(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int | str = 1,
+                 device: str = "cpu") -> dict:
     from ripper_dist.engine import separate_array
-    bag = _bag(repo, name, threads)
+    bag, rows = _bag(repo, name, threads, device, batch_size)
     mix = _load_mix(track)
-    t0 = time.perf_counter()
-    out = separate_array(bag, mix, overlap=overlap, batch_size=batch_size)
-    return {"wall_s": time.perf_counter() - t0, "out": _save(out),
-            "chunks": len(bag.plan(mix.shape[1], overlap=overlap))}
+    with _GpuMemory(device) as mem:
+        t0 = time.perf_counter()
+        out = separate_array(bag, mix, overlap=overlap, batch_size=rows)
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "out": _save(out), "chunks": len(bag.plan(mix.shape[1], overlap=overlap)),
+            "batch": rows, "gpu_peak_mb": mem.peak_mb}
 
 
-def child_bare(repo: str, name: str, track: str, overlap: float, threads: int) -> dict:
-    """The floor: the same number of graph runs on ready-made inputs, nothing else."""
+def child_bare(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int | str = 1,
+               device: str = "cpu") -> dict:
+    """The floor: the same graph runs (same batch size) on ready-made inputs, nothing else."""
     import numpy as np
-    bag = _bag(repo, name, threads)
+    bag, rows = _bag(repo, name, threads, device, batch_size)
     mix = _load_mix(track)
     tasks = bag.plan(mix.shape[1], overlap=overlap)
-    x = np.random.default_rng(0).standard_normal((1, 2, bag.runners[0].chunk_samples)).astype(np.float32)
-    t0 = time.perf_counter()
-    for t in tasks:
-        bag.runners[t.model](x)
-    return {"wall_s": time.perf_counter() - t0, "chunks": len(tasks)}
+    per_model = [sum(t.model == m for t in tasks) for m in range(len(bag.runners))]
+    x = np.random.default_rng(0).standard_normal((rows, 2, bag.runners[0].chunk_samples)).astype(np.float32)
+    with _GpuMemory(device) as mem:
+        t0 = time.perf_counter()
+        for m, n in enumerate(per_model):
+            for k in range(0, n, rows):
+                bag.runners[m](x[:min(rows, n - k)])
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "chunks": len(tasks), "gpu_peak_mb": mem.peak_mb}
 
 
 def _roformer_files(size: str) -> tuple[Path, Path]:
@@ -183,7 +245,7 @@ def _roformer_run(runner, chunk: int, num_overlap: int, channels: int, track: st
             "chunks": len(plan_chunks(mix.shape[1], chunk, num_overlap).chunks)}
 
 
-def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: int) -> dict:
+def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu") -> dict:
     """The reference: bs-roformer 0.3.10 with the checkpoint loaded (as the exporter's parity check builds it)."""
     import torch
     from ripper_export.roformer import build_roformer, read_checkpoint
@@ -192,20 +254,26 @@ def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: in
     torch.set_num_threads(threads)
     conf = load_roformer_config(cfg)
     state = build_roformer("mel_band_roformer", conf.model, read_checkpoint(ckpt)).state_dict()
-    ref = build_reference("mel_band_roformer", conf.model, state)
+    dev = _torch_device(device)
+    ref = build_reference("mel_band_roformer", conf.model, state).to(dev)
     del state
 
     def runner(batch):
         with torch.no_grad():
-            return ref(torch.from_numpy(batch)).numpy()
+            return ref(torch.from_numpy(batch).to(dev)).cpu().numpy()
+
+    if dev != "cpu":
+        runner(_roformer_chunk_input(2, conf.chunk_size))  # warm-up: CUDA context, cuDNN/cuBLAS autotuning
 
     return _roformer_run(runner, conf.chunk_size, conf.num_overlap, 2, track, reps)
 
 
-def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int) -> dict:
+def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu") -> dict:
     """ripper-dist: the exported graph in its ONNX Runtime runner (what `separate` uses for RoFormer)."""
     bundle = _roformer_bundle(cfg, ckpt)
-    runner = bundle.roformer_runner("cpu", threads)
+    runner = bundle.roformer_runner(device, threads)
+    if not device.startswith("cpu"):
+        runner(_roformer_chunk_input(runner.info.channels, runner.chunk_samples))  # warm-up (TensorRT: engine)
     return _roformer_run(runner, runner.chunk_samples, bundle.num_overlap, runner.info.channels, track, reps)
 
 
@@ -266,7 +334,7 @@ def child_prepare(model: str = "", threads: int = 1, roformer: str = "") -> dict
                 "sample_rate": info.sample_rate, "num_overlap": bundle.num_overlap,
                 "parity_sdr_db": info.raw.get("ripper.parity_sdr_db")}
     repo, name = _repo(model)
-    _bag(str(repo), name, threads)
+    _bag(str(repo), name, threads)  # exports on the CPU (the parity check runs there)
     return {"repo": str(repo), "name": name}
 
 
@@ -277,7 +345,20 @@ CHILDREN = {"prepare": child_prepare, "upstream": child_upstream, "engine": chil
 
 # -- reports ----------------------------------------------------------------------------------------------------------
 
-def _machine() -> str:
+def _gpu_name(device: str) -> str:
+    try:
+        import pynvml
+        from ripper_dist.gpu_memory import physical_device
+        pynvml.nvmlInit()
+        key = physical_device(int(device.partition(":")[2] or 0))
+        h = pynvml.nvmlDeviceGetHandleByIndex(key) if isinstance(key, int) else pynvml.nvmlDeviceGetHandleByUUID(key)
+        name = pynvml.nvmlDeviceGetName(h)
+        return f"; GPU {name.decode() if isinstance(name, bytes) else name}, driver {pynvml.nvmlSystemGetDriverVersion()}"
+    except Exception as e:  # noqa: BLE001 - a label, never a reason to fail the benchmark
+        return f"; GPU unknown ({e})"
+
+
+def _machine(device: str = "cpu") -> str:
     import onnxruntime
     try:
         import torch
@@ -292,7 +373,9 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores; python {platform.python_version()}, torch {tv}, onnxruntime {onnxruntime.__version__}"
+    gpu = "" if device.startswith("cpu") else _gpu_name(device)
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}; python {platform.python_version()}, torch {tv}, "
+            f"onnxruntime {onnxruntime.__version__}")
 
 
 def _run_measured(kind: str, **kw) -> dict:
@@ -314,28 +397,33 @@ def bench_engine(args) -> None:
     prep = _run_measured("prepare", model=args.model, threads=args.threads)  # export before timing
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
-    common = dict(repo=repo, name=name, track=str(track), overlap=args.overlap, threads=args.threads)
+    common = dict(repo=repo, name=name, track=str(track), overlap=args.overlap, threads=args.threads,
+                  device=args.device)
     runs: dict[str, list[dict]] = {"upstream": [], "engine": [], "bare": []}
     for _ in range(args.rounds):  # interleaved, so a noisy stretch hits every contender alike
         runs["upstream"].append(_run_measured("upstream", **common))
         runs["engine"].append(_run_measured("engine", **common, batch_size=args.batch_size))
-        runs["bare"].append(_run_measured("bare", **common))
+        runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size))
     a, b = np.load(runs["upstream"][-1]["out"]), np.load(runs["engine"][-1]["out"])
     sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
     _cleanup(runs)
     chunks = runs["engine"][0]["chunks"]
     gflop = chunks * HTDEMUCS_GFLOP_PER_SEGMENT
-    print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, "
-          f"{args.threads} threads, batch size {args.batch_size}, {chunks} chunks, {args.rounds} interleaved rounds")
-    print(f"# {_machine()}")
-    print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}")
+    gpu = not args.device.startswith("cpu")
+    print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, device "
+          f"{args.device}, {args.threads} threads, batch size {args.batch_size} (engine ran "
+          f"{runs['engine'][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds")
+    print(f"# {_machine(args.device)}")
+    print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
+          + (f"{'peak GPU MB':>13}" if gpu else ""))
     best = {}
     for key, label in [("upstream", "upstream demucs apply_model"), ("engine", "ripper-dist engine"),
                        ("bare", "bare ONNX Runtime loop")]:
         ws = [r["wall_s"] for r in runs[key]]
         best[key] = (min(ws), float(np.median(ws)))
         print(f"{label:<28}{min(ws):>11.2f}{np.median(ws):>11.2f}{args.seconds / min(ws):>12.3f}"
-              f"{gflop / min(ws):>10.1f}{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}")
+              f"{gflop / min(ws):>10.1f}{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}"
+              + (f"{max(r['gpu_peak_mb'] or 0 for r in runs[key]):>13.0f}" if gpu else ""))
     print(f"engine / upstream speed: {best['upstream'][0] / best['engine'][0]:.2f}x (min) "
           f"{best['upstream'][1] / best['engine'][1]:.2f}x (median); engine overhead over bare ORT: "
           f"{(best['engine'][0] / best['bare'][0] - 1) * 100:.1f}% (min); engine vs upstream output: {sdr:.1f} dB SDR; "
@@ -349,12 +437,13 @@ def bench_cli(args) -> None:
     track = _track(args.seconds)
     out = _work_dir() / "cli-out"
     ours = [sys.executable, "-m", "ripper_dist.cli", "separate", "--engine", "local", "--force", "--no-progress",
-            "--repo", str(repo), "-n", name, "-o", str(out / "ours"), str(track)]
-    theirs = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", name, "--shifts", "0", "-o",
-              str(out / "demucs"), str(track)]
+            "--repo", str(repo), "-n", name, "--device", args.device, "--batch-size", str(args.batch_size),
+            "-o", str(out / "ours"), str(track)]
+    theirs = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", name, "--shifts", "0",
+              "-d", _torch_device(args.device), "-o", str(out / "demucs"), str(track)]
     r_up = _run_measured("cli", argv=theirs)
     r_ours = _run_measured("cli", argv=ours)
-    print(f"# whole-process timing, {args.seconds:g} s track; {_machine()}")
+    print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}; {_machine(args.device)}")
     for label, r in [("demucs CLI", r_up), ("ripper-dist separate", r_ours)]:
         print(f"{label:<24} rc={r['rc']} {r['wall_s']:8.2f} s  {args.seconds / r['wall_s']:.3f}x realtime  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (parent; children not included)")
@@ -418,7 +507,7 @@ def bench_roformer(args) -> None:
     prep = _run_measured("prepare", roformer=args.config)  # export (and parity check) before timing
     cfg, ckpt = prep["cfg"], prep["ckpt"]
     track = _track(args.seconds)
-    common = dict(cfg=cfg, ckpt=ckpt, track=str(track), threads=args.threads, reps=args.reps)
+    common = dict(cfg=cfg, ckpt=ckpt, track=str(track), threads=args.threads, reps=args.reps, device=args.device)
     runs: dict[str, list[dict]] = {"torch": [], "engine": []}
     for _ in range(args.rounds):
         runs["torch"].append(_run_measured("roformer_torch", **common))
@@ -432,8 +521,8 @@ def bench_roformer(args) -> None:
     print(f"# roformer benchmark: mel_band_roformer size={args.config}, chunk {prep['chunk_samples']} samples "
           f"({chunk_sec:g} s), num_overlap {prep['num_overlap']}; track {args.seconds:g} s stereo "
           f"({runs['engine'][0]['chunks']} chunks); {args.threads} threads; {args.rounds} rounds x {args.reps} "
-          f"chunk reps; graph parity {prep['parity_sdr_db']} dB")
-    print(f"# {_machine()}")
+          f"chunk reps; graph parity {prep['parity_sdr_db']} dB; device {args.device}")
+    print(f"# {_machine(args.device)}")
     print(f"{'contender':<30}{'chunk s min':>12}{'chunk s med':>12}{'track s min':>12}{'track s med':>12}"
           f"{'x-realtime':>11}{'peak RSS MB':>13}")
     best = {}
@@ -492,6 +581,10 @@ def bench_graph(args) -> None:
         print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; vs first {sdr:6.1f} dB")
 
 
+def _batch_arg(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, kw = sys.argv[2], json.loads(sys.argv[3])
@@ -506,7 +599,9 @@ def main(argv=None):
         p.add_argument("--seconds", type=float, default=60.0 if what != "pipeline" else 20.0)
         p.add_argument("--overlap", type=float, default=0.25)
         p.add_argument("--threads", type=int, default=os.cpu_count())
-        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--batch-size", type=_batch_arg, default="auto", help="chunks per run, or auto (as separate)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N]; upstream runs on torch's "
+                                                         "cpu or cuda:N")
         p.add_argument("--tracks", type=int, default=10)
         p.add_argument("--rounds", type=int, default=1, help="engine: interleaved rounds of all contenders")
     p = sub.add_parser("memory")
@@ -520,6 +615,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=1, help="timed single-chunk runs per child")
     p.add_argument("--rounds", type=int, default=1, help="interleaved torch/engine child pairs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (torch runs on cuda:N)")
     p = sub.add_parser("graph")
     p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
     p.add_argument("--reps", type=int, default=4)
