@@ -35,6 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", type=Path, help="a single checkpoint: Demucs .th, or a RoFormer .ckpt/.pth")
     g.add_argument("--config", type=Path, help="RoFormer YAML config shipped with the checkpoint")
     g.add_argument("--segment", type=float, help="Demucs split length in seconds (at most the model's segment)")
+    g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: graphs with convolutions, attention and feed-forward layers in half precision (for "
+                        "GPUs; the STFT, norms and reductions stay fp32), checked against fp32 when converted")
 
 
 def _add_separate_args(p: argparse.ArgumentParser) -> None:

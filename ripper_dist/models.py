@@ -15,15 +15,17 @@ ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")
 
 
 def export_model(args) -> ExportedModel:
-    """Resolve `--model/--repo/--checkpoint/--config` and return cached (or freshly exported) graphs."""
+    """Resolve `--model/--repo/--checkpoint/--config/--precision` and return cached (or freshly exported) graphs."""
+    from .export_cache import with_precision
+    precision = getattr(args, "precision", "fp32")
     if args.model in ROFORMER_FAMILIES:
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:
             raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
-        return export_roformer(args.model, Path(args.config), Path(args.checkpoint))
+        return with_precision(export_roformer(args.model, Path(args.config), Path(args.checkpoint)), precision)
     from .sources import resolve_demucs
     source = resolve_demucs(args.model, repo=args.repo, checkpoint=args.checkpoint)
-    return export_demucs_source(source)
+    return with_precision(export_demucs_source(source), precision)
 
 
 @dataclass
@@ -107,7 +109,8 @@ class ModelBundle:
         """What makes outputs differ: the checkpoints (by hash) and the bag weights."""
         return {"name": self.name, "family": self.family, "weights": self.weights,
                 "checkpoints": [i.raw.get("ripper.checkpoint_sha256") for i in self.infos],
-                "export_version": [i.raw.get("ripper.export_version") for i in self.infos]}
+                "export_version": [i.raw.get("ripper.export_version") for i in self.infos],
+                "precision": [i.raw.get("ripper.precision", "fp32") for i in self.infos]}
 
 
 class _Unused:

@@ -155,3 +155,20 @@ def test_batch_size_flag(capsys):
         with pytest.raises(SystemExit):
             parse(["separate", "--batch-size", bad, "x.wav"])
     assert "positive number of chunks or auto" in capsys.readouterr().err
+
+
+def test_fp16_precision_end_to_end(tmp_path, tracks):
+    """`--precision fp16` separates through the fp16 graph (stems close to fp32's), and a rerun at the other
+    precision redoes the tracks instead of resuming them."""
+    repo = make_bag_repo(tmp_path / "repo", "tiny", 1, size="small")
+    track = tracks / "a" / "song.wav"
+    assert _run(tmp_path / "fp32", "--repo", repo, "-n", "tiny", track) == 0
+    assert _run(tmp_path / "fp16", "--repo", repo, "-n", "tiny", "--precision", "fp16", track) == 0
+    for stem in ["drums", "bass", "other", "vocals"]:
+        a = sf.read(tmp_path / "fp32" / "song" / f"{stem}.wav")[0]
+        b = sf.read(tmp_path / "fp16" / "song" / f"{stem}.wav")[0]
+        assert 40 <= sdr_db(a, b) < 200  # close, and not the fp32 graph again
+    assert _run(tmp_path / "fp32", "--repo", repo, "-n", "tiny", "--precision", "fp16", track) == 0
+    df = pd.read_parquet(tmp_path / "fp32" / "metadata.parquet")
+    assert len(df) == 1 and df.status[0] == "done"
+    assert df.options_key[0] == pd.read_parquet(tmp_path / "fp16" / "metadata.parquet").options_key[0]
