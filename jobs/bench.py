@@ -1,7 +1,7 @@
 """Benchmarks: x-realtime and peak memory of ripper-dist against its baselines, side by side in one run.
 
     python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B|auto]
-                                  [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]]
+                                  [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]] [--precision fp32|fp16]
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
         On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
@@ -157,14 +157,16 @@ def _cleanup(runs: dict) -> None:
                     Path(r[key]).unlink(missing_ok=True)
 
 
-def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: int | str = 1):
+def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: int | str = 1,
+         precision: str = "fp32"):
     """The engine's bag on `device`; returns (bag, batch size the engine feeds), sized as `separate` sizes it."""
     import numpy as np
-    from ripper_dist.export_cache import export_demucs_source
+    from ripper_dist.export_cache import export_demucs_source, with_precision
     from ripper_dist.models import ModelBundle
     from ripper_dist.onnx_model import batch_plan
     from ripper_dist.sources import resolve_demucs
-    bundle = ModelBundle.from_exported(export_demucs_source(resolve_demucs(name, repo=Path(repo))))
+    bundle = ModelBundle.from_exported(with_precision(export_demucs_source(resolve_demucs(name, repo=Path(repo))),
+                                                      precision))
     bag = bundle.demucs_bag(device, threads)
     rows, fit = batch_plan(batch_size, device)
     if fit:
@@ -176,9 +178,9 @@ def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: in
 
 
 def child_engine(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int | str = 1,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", precision: str = "fp32") -> dict:
     from ripper_dist.engine import separate_array
-    bag, rows = _bag(repo, name, threads, device, batch_size)
+    bag, rows = _bag(repo, name, threads, device, batch_size, precision)
     mix = _load_mix(track)
     with _GpuMemory(device) as mem:
         t0 = time.perf_counter()
@@ -189,10 +191,10 @@ def child_engine(repo: str, name: str, track: str, overlap: float, threads: int,
 
 
 def child_bare(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int | str = 1,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", precision: str = "fp32") -> dict:
     """The floor: the same graph runs (same batch size) on ready-made inputs, nothing else."""
     import numpy as np
-    bag, rows = _bag(repo, name, threads, device, batch_size)
+    bag, rows = _bag(repo, name, threads, device, batch_size, precision)
     mix = _load_mix(track)
     tasks = bag.plan(mix.shape[1], overlap=overlap)
     per_model = [sum(t.model == m for t in tasks) for m in range(len(bag.runners))]
@@ -323,7 +325,7 @@ def child_ray_job(argv: list[str], start_first: bool = False) -> dict:
     return {"wall_s": wall, "rc": rc, "object_store_peak_mb": peak[0] / 2 ** 20, "ray_start_s": ray_start}
 
 
-def child_prepare(model: str = "", threads: int = 1, roformer: str = "") -> dict:
+def child_prepare(model: str = "", threads: int = 1, roformer: str = "", precision: str = "fp32") -> dict:
     """Checkpoints and exports, in a child: the parent stays small, so the children it forks do not inherit a large
     peak RSS (ru_maxrss survives fork and exec)."""
     if roformer:
@@ -334,7 +336,7 @@ def child_prepare(model: str = "", threads: int = 1, roformer: str = "") -> dict
                 "sample_rate": info.sample_rate, "num_overlap": bundle.num_overlap,
                 "parity_sdr_db": info.raw.get("ripper.parity_sdr_db")}
     repo, name = _repo(model)
-    _bag(str(repo), name, threads)  # exports on the CPU (the parity check runs there)
+    _bag(str(repo), name, threads, precision=precision)  # exports (and converts) on the CPU, untimed
     return {"repo": str(repo), "name": name}
 
 
@@ -394,7 +396,7 @@ def _run_measured(kind: str, **kw) -> dict:
 
 def bench_engine(args) -> None:
     import numpy as np
-    prep = _run_measured("prepare", model=args.model, threads=args.threads)  # export before timing
+    prep = _run_measured("prepare", model=args.model, threads=args.threads, precision=args.precision)
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
     common = dict(repo=repo, name=name, track=str(track), overlap=args.overlap, threads=args.threads,
@@ -402,8 +404,8 @@ def bench_engine(args) -> None:
     runs: dict[str, list[dict]] = {"upstream": [], "engine": [], "bare": []}
     for _ in range(args.rounds):  # interleaved, so a noisy stretch hits every contender alike
         runs["upstream"].append(_run_measured("upstream", **common))
-        runs["engine"].append(_run_measured("engine", **common, batch_size=args.batch_size))
-        runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size))
+        runs["engine"].append(_run_measured("engine", **common, batch_size=args.batch_size, precision=args.precision))
+        runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size, precision=args.precision))
     a, b = np.load(runs["upstream"][-1]["out"]), np.load(runs["engine"][-1]["out"])
     sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
     _cleanup(runs)
@@ -411,7 +413,7 @@ def bench_engine(args) -> None:
     gflop = chunks * HTDEMUCS_GFLOP_PER_SEGMENT
     gpu = not args.device.startswith("cpu")
     print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, device "
-          f"{args.device}, {args.threads} threads, batch size {args.batch_size} (engine ran "
+          f"{args.device}, {args.precision}, {args.threads} threads, batch size {args.batch_size} (engine ran "
           f"{runs['engine'][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds")
     print(f"# {_machine(args.device)}")
     print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
@@ -432,12 +434,13 @@ def bench_engine(args) -> None:
 
 
 def bench_cli(args) -> None:
-    prep = _run_measured("prepare", model=args.model, threads=args.threads)
+    prep = _run_measured("prepare", model=args.model, threads=args.threads, precision=args.precision)
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
     out = _work_dir() / "cli-out"
     ours = [sys.executable, "-m", "ripper_dist.cli", "separate", "--engine", "local", "--force", "--no-progress",
             "--repo", str(repo), "-n", name, "--device", args.device, "--batch-size", str(args.batch_size),
+            "--precision", args.precision,
             "-o", str(out / "ours"), str(track)]
     theirs = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", name, "--shifts", "0",
               "-d", _torch_device(args.device), "-o", str(out / "demucs"), str(track)]
@@ -602,6 +605,7 @@ def main(argv=None):
         p.add_argument("--batch-size", type=_batch_arg, default="auto", help="chunks per run, or auto (as separate)")
         p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N]; upstream runs on torch's "
                                                          "cpu or cuda:N")
+        p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graphs (as separate)")
         p.add_argument("--tracks", type=int, default=10)
         p.add_argument("--rounds", type=int, default=1, help="engine: interleaved rounds of all contenders")
     p = sub.add_parser("memory")
