@@ -429,7 +429,8 @@ def bench_engine(args) -> None:
     print(f"engine / upstream speed: {best['upstream'][0] / best['engine'][0]:.2f}x (min) "
           f"{best['upstream'][1] / best['engine'][1]:.2f}x (median); engine overhead over bare ORT: "
           f"{(best['engine'][0] / best['bare'][0] - 1) * 100:.1f}% (min); engine vs upstream output: {sdr:.1f} dB SDR; "
-          f"CPU peak {CPU_PEAK_GFLOPS_2_CORES * os.cpu_count() / 2:.0f} GFLOP/s (x-realtime and GFLOP/s from the min; "
+          + (f"CPU peak {CPU_PEAK_GFLOPS_2_CORES * os.cpu_count() / 2:.0f} GFLOP/s " if not gpu else "")
+          + f"(x-realtime and GFLOP/s from the min; "
           f"GFLOP/s counts upstream's {HTDEMUCS_GFLOP_PER_SEGMENT} GFLOP per segment for every contender)")
 
 
