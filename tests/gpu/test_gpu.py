@@ -106,3 +106,17 @@ def test_tensorrt_engine_cache_is_written_once(tmp_path, monkeypatch):
     assert warm < cold and sdr_db(y1, y2) >= 100
     cpu = OnnxRunner(bundle.graphs[0], "cpu")(x.astype(np.float32))
     assert sdr_db(cpu, y1) >= 40
+
+
+def test_fp16_on_cuda_stays_close_to_fp32(tmp_path, monkeypatch):
+    """The fp16 graph on the GPU (tensor cores) against the fp32 graph on the CPU, released size."""
+    from ripper_dist.export_cache import FP16_MIN_SDR_DB, with_precision
+    from ripper_export.fp16 import music_like
+    monkeypatch.setenv("RIPPER_DIST_CACHE", str(tmp_path / "cache"))
+    repo = make_bag_repo(tmp_path / "repo", "m", 1, size="released")
+    fp32 = export_demucs_source(resolve_demucs("m", repo=repo))
+    half = ModelBundle.from_exported(with_precision(fp32, "fp16"))
+    gpu = OnnxRunner(half.graphs[0], "cuda")
+    x = music_like(2, 2, gpu.chunk_samples)
+    ref = OnnxRunner(ModelBundle.from_exported(fp32).graphs[0], "cpu")(x)
+    assert sdr_db(ref, gpu(x)) >= FP16_MIN_SDR_DB
