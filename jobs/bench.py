@@ -7,13 +7,15 @@
         On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
     python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
         per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
-    python jobs/bench.py cli      [--seconds 60]
-        whole-process `ripper-dist separate --engine local` vs the upstream `demucs` CLI on the same file.
+    python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P]
+        whole-process `ripper-dist separate` (--engine local, and the default Ray job) vs the upstream `demucs` CLI
+        on the same file.
     python jobs/bench.py pipeline [--tracks 10] [--seconds 20]
         the Ray job vs the single-process engine on the same tracks and cores (Ray overhead).
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
         peak RSS of the Ray driver and peak object-store use: many short tracks vs few, and one long track.
     python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N] [--device cpu|cuda[:N]]
+                                  [--precision fp32|fp16]
         Mel-Band RoFormer (random weights at Kim's vocals configuration): the torch reference (bs-roformer 0.3.10,
         the model the exporter checks parity against) vs the ripper-dist ONNX Runtime runner, on one chunk and on a
         short track through MSST `demix` (same chunking code for both, so the difference is the model runtime).
@@ -217,10 +219,11 @@ def _roformer_files(size: str) -> tuple[Path, Path]:
     return cfg, ckpt
 
 
-def _roformer_bundle(cfg: str, ckpt: str):
-    from ripper_dist.export_cache import export_roformer
+def _roformer_bundle(cfg: str, ckpt: str, precision: str = "fp32"):
+    from ripper_dist.export_cache import export_roformer, with_precision
     from ripper_dist.models import ModelBundle
-    return ModelBundle.from_exported(export_roformer("mel_band_roformer", Path(cfg), Path(ckpt)))
+    return ModelBundle.from_exported(with_precision(export_roformer("mel_band_roformer", Path(cfg), Path(ckpt)),
+                                                    precision))
 
 
 def _roformer_chunk_input(channels: int, chunk: int):
@@ -270,9 +273,10 @@ def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: in
     return _roformer_run(runner, conf.chunk_size, conf.num_overlap, 2, track, reps)
 
 
-def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu") -> dict:
+def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu",
+                          precision: str = "fp32") -> dict:
     """ripper-dist: the exported graph in its ONNX Runtime runner (what `separate` uses for RoFormer)."""
-    bundle = _roformer_bundle(cfg, ckpt)
+    bundle = _roformer_bundle(cfg, ckpt, precision)
     runner = bundle.roformer_runner(device, threads)
     if not device.startswith("cpu"):
         runner(_roformer_chunk_input(runner.info.channels, runner.chunk_samples))  # warm-up (TensorRT: engine)
@@ -330,11 +334,11 @@ def child_prepare(model: str = "", threads: int = 1, roformer: str = "", precisi
     peak RSS (ru_maxrss survives fork and exec)."""
     if roformer:
         cfg, ckpt = _roformer_files(roformer)
-        bundle = _roformer_bundle(str(cfg), str(ckpt))
+        bundle = _roformer_bundle(str(cfg), str(ckpt), precision)
         info = bundle.info
         return {"cfg": str(cfg), "ckpt": str(ckpt), "chunk_samples": info.chunk_samples,
                 "sample_rate": info.sample_rate, "num_overlap": bundle.num_overlap,
-                "parity_sdr_db": info.raw.get("ripper.parity_sdr_db")}
+                "parity_sdr_db": info.raw.get("ripper.parity_sdr_db"), "fp16_sdr_db": info.raw.get("ripper.fp16_sdr_db")}
     repo, name = _repo(model)
     _bag(str(repo), name, threads, precision=precision)  # exports (and converts) on the CPU, untimed
     return {"repo": str(repo), "name": name}
@@ -445,13 +449,17 @@ def bench_cli(args) -> None:
             "-o", str(out / "ours"), str(track)]
     theirs = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", name, "--shifts", "0",
               "-d", _torch_device(args.device), "-o", str(out / "demucs"), str(track)]
+    ray_ = [a if a != "local" else "ray" for a in ours]
+    ray_[ray_.index(str(out / "ours"))] = str(out / "ours-ray")
     r_up = _run_measured("cli", argv=theirs)
     r_ours = _run_measured("cli", argv=ours)
+    r_ray = _run_measured("cli", argv=ray_)
     print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}; {_machine(args.device)}")
-    for label, r in [("demucs CLI", r_up), ("ripper-dist separate", r_ours)]:
-        print(f"{label:<24} rc={r['rc']} {r['wall_s']:8.2f} s  {args.seconds / r['wall_s']:.3f}x realtime  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (parent; children not included)")
-    print(f"ripper-dist / demucs speed: {r_up['wall_s'] / r_ours['wall_s']:.2f}x")
+    for label, r in [("demucs CLI", r_up), ("ripper-dist --engine local", r_ours), ("ripper-dist (Ray, default)", r_ray)]:
+        print(f"{label:<28} rc={r['rc']} {r['wall_s']:8.2f} s  {args.seconds / r['wall_s']:.3f}x realtime  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (this process; Ray workers not included)")
+    print(f"ripper-dist / demucs speed: local engine {r_up['wall_s'] / r_ours['wall_s']:.2f}x, "
+          f"Ray job {r_up['wall_s'] / r_ray['wall_s']:.2f}x")
 
 
 def bench_pipeline(args) -> None:
@@ -508,14 +516,14 @@ def bench_memory(args) -> None:
 def bench_roformer(args) -> None:
     """Torch reference vs ONNX Runtime, interleaved `--rounds` times (each contender in a fresh child per round)."""
     import numpy as np
-    prep = _run_measured("prepare", roformer=args.config)  # export (and parity check) before timing
+    prep = _run_measured("prepare", roformer=args.config, precision=args.precision)  # export, parity: untimed
     cfg, ckpt = prep["cfg"], prep["ckpt"]
     track = _track(args.seconds)
     common = dict(cfg=cfg, ckpt=ckpt, track=str(track), threads=args.threads, reps=args.reps, device=args.device)
     runs: dict[str, list[dict]] = {"torch": [], "engine": []}
     for _ in range(args.rounds):
         runs["torch"].append(_run_measured("roformer_torch", **common))
-        runs["engine"].append(_run_measured("roformer_engine", **common))
+        runs["engine"].append(_run_measured("roformer_engine", **common, precision=args.precision))
     a, b = np.load(runs["torch"][-1]["out"]), np.load(runs["engine"][-1]["out"])
     sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
     ca, cb = np.load(runs["torch"][-1]["chunk_out"]), np.load(runs["engine"][-1]["chunk_out"])
@@ -525,7 +533,8 @@ def bench_roformer(args) -> None:
     print(f"# roformer benchmark: mel_band_roformer size={args.config}, chunk {prep['chunk_samples']} samples "
           f"({chunk_sec:g} s), num_overlap {prep['num_overlap']}; track {args.seconds:g} s stereo "
           f"({runs['engine'][0]['chunks']} chunks); {args.threads} threads; {args.rounds} rounds x {args.reps} "
-          f"chunk reps; graph parity {prep['parity_sdr_db']} dB; device {args.device}")
+          f"chunk reps; graph parity {prep['parity_sdr_db']} dB; device {args.device}, engine {args.precision}"
+          + (f" ({prep['fp16_sdr_db']} dB from fp32)" if args.precision == "fp16" else ""))
     print(f"# {_machine(args.device)}")
     print(f"{'contender':<30}{'chunk s min':>12}{'chunk s med':>12}{'track s min':>12}{'track s med':>12}"
           f"{'x-realtime':>11}{'peak RSS MB':>13}")
@@ -621,6 +630,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=1, help="timed single-chunk runs per child")
     p.add_argument("--rounds", type=int, default=1, help="interleaved torch/engine child pairs")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (torch runs on cuda:N)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graph")
     p = sub.add_parser("graph")
     p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
     p.add_argument("--reps", type=int, default=4)

@@ -366,9 +366,11 @@ def run_ray(job: Job, args) -> list[dict]:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the reducer then holds only the tracks in flight
         # Chunk rows are ~200 bytes: with the default 128 MiB blocks, all chunks of a long track would form one block,
-        # i.e. one actor task (no spreading over actors) whose outputs pile up. Small blocks give a few dozen chunk
-        # rows per task, and every chunk output (megabytes) becomes a block of its own.
-        ctx.target_max_block_size = 8 * 1024
+        # i.e. one actor task (no spreading over actors) whose outputs pile up. 1 KiB blocks hold a handful of chunk
+        # rows, so even a one-minute track spreads over the actors (60 s track, 2 actors: 34.6 s with 8 KiB blocks,
+        # 24.1 s with 1 KiB), and every chunk output (megabytes) becomes a block of its own. Smaller still (256 B)
+        # made the driver's RSS grow with a long track (3.5 GB for 30 minutes; 0.33 GB at 1 KiB): docs/BENCHMARKS.md.
+        ctx.target_max_block_size = 1024
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
