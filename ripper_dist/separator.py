@@ -123,7 +123,7 @@ class Progress:
 
     def __init__(self, total_s: float, enabled: bool = True, desc: str = "separating"):
         from tqdm import tqdm
-        self.bar = tqdm(total=round(total_s, 1), unit="s", desc=desc, disable=not enabled, dynamic_ncols=True,
+        self.bar = tqdm(total=total_s, unit="s", desc=desc, disable=not enabled, dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]",
                         file=sys.stderr)
         self.t0 = time.monotonic()
@@ -131,6 +131,8 @@ class Progress:
 
     def update(self, seconds: float) -> None:
         self.done += seconds
+        if self.bar.total is not None and self.bar.n + seconds > self.bar.total:
+            self.bar.total = self.bar.n + seconds  # durations from headers can be short by a few samples
         self.bar.update(seconds)
         self.bar.set_postfix_str(f"{self.done / max(time.monotonic() - self.t0, 1e-9):.2f}x realtime", refresh=False)
 
