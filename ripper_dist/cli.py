@@ -119,12 +119,17 @@ def cmd_export(args) -> int:
     import shutil
 
     from .models import export_model
+    from .onnx_model import read_info
     exported = export_model(args)
     for p in exported.onnx_paths:
-        print(p)
+        meta = read_info(p).raw
+        checks = [f"{meta['ripper.parity_sdr_db']} dB from upstream torch"] if "ripper.parity_sdr_db" in meta else []
+        if "ripper.fp16_sdr_db" in meta:
+            checks.append(f"fp16: {meta['ripper.fp16_sdr_db']} dB from fp32")
+        print(p, f"({'; '.join(checks)})" if checks else "")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            dest = args.out / (f"{exported.name}-{p.parent.name}.onnx")
+            dest = args.out / f"{exported.name}-{p.parent.name}{p.stem.removeprefix('model')}.onnx"
             shutil.copyfile(p, dest)
             print(f"  -> {dest}")
     return 0

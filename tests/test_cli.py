@@ -172,3 +172,12 @@ def test_fp16_precision_end_to_end(tmp_path, tracks):
     df = pd.read_parquet(tmp_path / "fp32" / "metadata.parquet")
     assert len(df) == 1 and df.status[0] == "done"
     assert df.options_key[0] == pd.read_parquet(tmp_path / "fp16" / "metadata.parquet").options_key[0]
+
+
+def test_export_command_prints_its_checks_and_copies(tmp_path, capsys):
+    repo = make_bag_repo(tmp_path / "repo", "tiny", 1, size="small")
+    assert main(["export", "--repo", str(repo), "-n", "tiny", "--precision", "fp16", "-o", str(tmp_path / "g")]) == 0
+    out = capsys.readouterr().out
+    assert "model-fp16.onnx" in out and "dB from upstream torch" in out and "fp16:" in out and "dB from fp32" in out
+    copied = list((tmp_path / "g").glob("*.onnx"))
+    assert len(copied) == 1 and copied[0].name.endswith("-fp16.onnx") and copied[0].stat().st_size > 0
