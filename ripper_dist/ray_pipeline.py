@@ -348,6 +348,18 @@ class StreamingReducer:
                 self.fail(idx, "incomplete: the track produced no chunks")
 
 
+def _block_bytes(n_tracks: int, actors: int) -> int:
+    """Target size of the chunk-row blocks (a block is one actor task), measured on two cores (docs/BENCHMARKS.md).
+
+    Enough tracks to keep every actor busy: 8 KiB (a few dozen rows: a short track stays in one task, on one actor;
+    10 tracks x 20 s: -1.7% against the local engine, where 1 KiB blocks cost +15-18%). Fewer tracks than that:
+    1 KiB (a handful of rows), so one track's chunks spread over the actors (one 60 s track on two actors: 34.6 s
+    with 8 KiB, 24.1 s with 1 KiB). A long track spreads either way (30 minutes: driver RSS 0.33 GB at 1 KiB and
+    0.38 GB at 8 KiB; smaller blocks, 256 B, made it grow to 3.5 GB).
+    """
+    return 8 * 1024 if n_tracks >= 2 * actors else 1024
+
+
 def run_ray(job: Job, args) -> list[dict]:
     import ray
     import ray.data
@@ -366,11 +378,9 @@ def run_ray(job: Job, args) -> list[dict]:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the reducer then holds only the tracks in flight
         # Chunk rows are ~200 bytes: with the default 128 MiB blocks, all chunks of a long track would form one block,
-        # i.e. one actor task (no spreading over actors) whose outputs pile up. 1 KiB blocks hold a handful of chunk
-        # rows, so even a one-minute track spreads over the actors (60 s track, 2 actors: 34.6 s with 8 KiB blocks,
-        # 24.1 s with 1 KiB), and every chunk output (megabytes) becomes a block of its own. Smaller still (256 B)
-        # made the driver's RSS grow with a long track (3.5 GB for 30 minutes; 0.33 GB at 1 KiB): docs/BENCHMARKS.md.
-        ctx.target_max_block_size = 1024
+        # i.e. one actor task (no spreading over actors) whose outputs pile up; every chunk output (megabytes) becomes
+        # a block of its own either way. See _block_bytes for the size.
+        ctx.target_max_block_size = _block_bytes(len(tracks), shape["actors"])
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]

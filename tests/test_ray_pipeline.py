@@ -162,3 +162,19 @@ def test_one_actor_per_logical_gpu(env):
     finally:
         ray.shutdown()
         del os.environ["RIPPER_DIST_ORT_DEVICE_OVERRIDE"]
+
+
+def test_block_size_keeps_short_tracks_together_unless_actors_would_idle():
+    from ripper_dist.ray_pipeline import _block_bytes
+    assert _block_bytes(10, 2) == 8 * 1024 and _block_bytes(4, 2) == 8 * 1024
+    assert _block_bytes(1, 2) == 1024 and _block_bytes(3, 2) == 1024 and _block_bytes(100, 64) == 1024
+
+
+def test_one_short_track_spreads_over_the_actors(env):
+    """A single 4 s track (a dozen chunk rows) is worked on by both CPU actors, not queued on one."""
+    out = env.dir / "one"
+    rc = main(["separate", "--engine", "ray", "--num-cpus", "2", "--no-progress", "-o", str(out), "--repo",
+               str(env.repo), "-n", "tiny", str(env.inp / "x" / "song.wav")])
+    assert rc == 0
+    row = pd.read_parquet(out / "metadata.parquet").iloc[0]
+    assert row.status == "done" and len(row.worker.split(",")) == 2, row.worker
