@@ -71,8 +71,10 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("-d", "--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (default cpu)")
     g.add_argument("-j", "--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    g.add_argument("--engine", choices=["ray", "local"], default="ray",
-                   help="ray (default: an embedded local Ray, or the cluster at --address) or local (one process)")
+    g.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
+                   help="ray (an embedded local Ray, or the cluster at --address), local (one process), or auto "
+                        "(default): ray, except for a single track without --address, where Ray's start-up costs "
+                        "more than it gains")
     g.add_argument("--address", help="Ray cluster address (e.g. auto inside `ray job submit`, or ray://head:10001)")
     g.add_argument("--actors", type=int, help="ONNX Runtime actors (default: one per GPU, or cores / threads)")
     g.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")

@@ -255,10 +255,20 @@ def run_separation(args) -> int:
     return rc
 
 
+def choose_engine(args, job: Job) -> str:
+    """`--engine auto`: Ray, except for one track on this machine, where starting Ray, its actors and their sessions
+    (5 to 8 s on two cores) costs more than spreading the chunks gains (60 s track: 19.5 s local, 28.1 s Ray)."""
+    engine = getattr(args, "engine", "local")
+    if engine != "auto":
+        return engine
+    cluster = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    return "ray" if cluster or len(job.todo) > 1 else "local"
+
+
 def run_stage(args, tracks: list[TrackInput] | None = None) -> int:
     t0 = time.monotonic()
-    engine = getattr(args, "engine", "local")
     job = plan_job(args, tracks)
+    engine = choose_engine(args, job)
     if engine == "ray":
         from .ray_pipeline import run_ray
         rows = run_ray(job, args)

@@ -178,3 +178,21 @@ def test_one_short_track_spreads_over_the_actors(env):
     assert rc == 0
     row = pd.read_parquet(out / "metadata.parquet").iloc[0]
     assert row.status == "done" and len(row.worker.split(",")) == 2, row.worker
+
+
+def test_auto_engine(env, monkeypatch):
+    """Default `--engine auto`: one track runs locally; several, or a cluster address, run on Ray."""
+    from ripper_dist.separator import choose_engine
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = SimpleNamespace(todo=[1])
+    assert choose_engine(SimpleNamespace(engine="auto", address=None), job) == "local"
+    assert choose_engine(SimpleNamespace(engine="auto", address="auto"), job) == "ray"
+    assert choose_engine(SimpleNamespace(engine="auto", address=None), SimpleNamespace(todo=[1, 2])) == "ray"
+    assert choose_engine(SimpleNamespace(engine="ray", address=None), job) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert choose_engine(SimpleNamespace(engine="auto", address=None), job) == "ray"
+    monkeypatch.delenv("RAY_ADDRESS")
+    out = env.dir / "auto"
+    assert main(["separate", "--no-progress", "-o", str(out), "--repo", str(env.repo), "-n", "tiny",
+                 str(env.inp / "y" / "song.wav")]) == 0
+    assert pd.read_parquet(out / "metadata.parquet").engine.tolist() == ["local"]

@@ -33,7 +33,7 @@ def test_separate_on_cuda_equals_cpu(tmp_path, monkeypatch):
     t = np.arange(int(3.1 * 44100)) / 44100
     sf.write(tmp_path / "t.wav", np.stack([np.sin(2 * np.pi * 220 * t)] * 2, 1).astype(np.float32) * 0.3, 44100)
     for device in ("cpu", "cuda"):
-        assert main(["separate", "--no-progress", "--repo", str(repo), "-n", "m", "--device", device,
+        assert main(["separate", "--engine", "ray", "--no-progress", "--repo", str(repo), "-n", "m", "--device", device,
                      "--subtype", "FLOAT", "--clip-mode", "none", "-o",
                      str(tmp_path / device), str(tmp_path / "t.wav")]) == 0
     for stem in ["drums", "bass", "other", "vocals"]:
