@@ -8,8 +8,8 @@
     python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
         per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
     python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P]
-        whole-process `ripper-dist separate` (--engine local, and the default Ray job) vs the upstream `demucs` CLI
-        on the same file.
+        whole-process `ripper-dist separate` (the default, which runs one track locally, and --engine ray) vs the
+        upstream `demucs` CLI on the same file.
     python jobs/bench.py pipeline [--tracks 10] [--seconds 20]
         the Ray job vs the single-process engine on the same tracks and cores (Ray overhead).
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
@@ -443,22 +443,22 @@ def bench_cli(args) -> None:
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
     out = _work_dir() / "cli-out"
-    ours = [sys.executable, "-m", "ripper_dist.cli", "separate", "--engine", "local", "--force", "--no-progress",
+    ours = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress",
             "--repo", str(repo), "-n", name, "--device", args.device, "--batch-size", str(args.batch_size),
             "--precision", args.precision,
             "-o", str(out / "ours"), str(track)]
     theirs = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", name, "--shifts", "0",
               "-d", _torch_device(args.device), "-o", str(out / "demucs"), str(track)]
-    ray_ = [a if a != "local" else "ray" for a in ours]
+    ray_ = ours[:4] + ["--engine", "ray"] + ours[4:]  # the default (auto) runs one track locally
     ray_[ray_.index(str(out / "ours"))] = str(out / "ours-ray")
     r_up = _run_measured("cli", argv=theirs)
     r_ours = _run_measured("cli", argv=ours)
     r_ray = _run_measured("cli", argv=ray_)
     print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}; {_machine(args.device)}")
-    for label, r in [("demucs CLI", r_up), ("ripper-dist --engine local", r_ours), ("ripper-dist (Ray, default)", r_ray)]:
+    for label, r in [("demucs CLI", r_up), ("ripper-dist (default)", r_ours), ("ripper-dist --engine ray", r_ray)]:
         print(f"{label:<28} rc={r['rc']} {r['wall_s']:8.2f} s  {args.seconds / r['wall_s']:.3f}x realtime  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (this process; Ray workers not included)")
-    print(f"ripper-dist / demucs speed: local engine {r_up['wall_s'] / r_ours['wall_s']:.2f}x, "
+    print(f"ripper-dist / demucs speed: default {r_up['wall_s'] / r_ours['wall_s']:.2f}x, "
           f"Ray job {r_up['wall_s'] / r_ray['wall_s']:.2f}x")
 
 
