@@ -69,7 +69,9 @@ def calibrate(run: Callable[[int], object], free_bytes: Callable[[], int], *, ca
     """Measure the memory one more chunk costs and return (batch, measurements).
 
     `run(b)` runs a batch of `b` chunks on the device; `free_bytes()` reads the device's free memory. The arena keeps
-    what a run allocated, so the free memory after each run is the footprint of the largest batch so far.
+    what a run allocated, so the free memory after each run is the footprint of the largest batch so far. Where the
+    arena cannot reuse the batch-of-one blocks for the batch of two, the difference overstates one chunk's cost (up
+    to 2x): the batch errs small, never into an out-of-memory.
     """
     if cap <= 1:
         return 1, {"cap": cap}

@@ -234,5 +234,9 @@ class OnnxRunner:
         batch, self.calibration = calibrate(lambda b: self._run(np.repeat(probe, b, axis=0)), free_bytes, cap=cap)
         self._bound.clear()
         self.max_batch = batch
+        # Run the chosen batch once (backing off if it does not fit), so this session's arena holds its full size
+        # before the next session on the same GPU (a bag's other models) measures what is left.
+        self(np.repeat(probe, batch, axis=0))
+        self.calibration["batch"] = self.max_batch
         log.info("%s: %s", self.device, self.calibration)
         return batch
