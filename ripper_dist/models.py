@@ -79,22 +79,27 @@ class ModelBundle:
     def full_weights(self) -> list[list[float]]:
         return self.weights or [[1.0] * len(self.sources) for _ in self.graphs]
 
-    def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None) -> list:
-        """One ONNX Runtime runner per sub-model (None where `models` says it is not needed)."""
-        return [OnnxRunner(g, device, threads) if models is None or m in models else _Unused(i.chunk_samples)
-                for m, (g, i) in enumerate(zip(self.graphs, self.infos))]
+    def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
+                max_batch: int | None = None) -> list:
+        """One ONNX Runtime runner per sub-model (a placeholder where `models` says it is not needed).
 
-    def roformer_runner(self, device: str = "cpu", threads: int | None = None) -> OnnxRunner:
+        max_batch: the largest batch the runners will be given (TensorRT builds its engine profile for it)."""
+        return [OnnxRunner(g, device, threads, max_batch=max_batch) if models is None or m in models
+                else _Unused(i.chunk_samples) for m, (g, i) in enumerate(zip(self.graphs, self.infos))]
+
+    def roformer_runner(self, device: str = "cpu", threads: int | None = None,
+                        max_batch: int | None = None) -> OnnxRunner:
         if not self.is_roformer:
             raise ValueError(f"{self.name} is a {self.family} model, not a RoFormer")
-        return OnnxRunner(self.graphs[0], device, threads)
+        return OnnxRunner(self.graphs[0], device, threads, max_batch=max_batch)
 
-    def demucs_bag(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None):
+    def demucs_bag(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
+                   max_batch: int | None = None):
         """The engine's `DemucsBag` over ONNX Runtime runners."""
         from .engine import DemucsBag
         if self.is_roformer:
             raise ValueError(f"{self.name} is a {self.family} model, not Demucs")
-        return DemucsBag(self.runners(device, threads, models), self.full_weights,
+        return DemucsBag(self.runners(device, threads, models, max_batch), self.full_weights,
                          [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,
                          self.info.channels, name=self.name)
 

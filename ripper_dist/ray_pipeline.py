@@ -173,7 +173,8 @@ class ChunkSeparator:
         device = os.environ.get("RIPPER_DIST_ORT_DEVICE_OVERRIDE") or device
         self.delay = float(os.environ.get("RIPPER_DIST_CHUNK_DELAY", 0))
         spin = os.environ.get("RIPPER_DIST_ORT_SPIN", "0") == "1"  # actors share cores with the driver and planners
-        self.runners = {m: OnnxRunner(g, device, threads, spin=spin) for m, g in enumerate(graphs) if g is not None}
+        self.runners = {m: OnnxRunner(g, device, threads, spin=spin, max_batch=batch_size)
+                        for m, g in enumerate(graphs) if g is not None}
         if fit_gpu:  # `--batch-size auto`: each session measures what its GPU holds (and halves on OOM)
             for r in self.runners.values():
                 r.fit_to_gpu(batch_size)

@@ -178,14 +178,14 @@ def _track_separator(job: Job, args, progress: "Progress"):
 
     common = dict(stem_map=job.stem_map, fmt=job.fmt, subtype=job.subtype, clip=job.clip)
     if bundle.is_roformer:
-        runner = bundle.roformer_runner(args.device, args.threads)
+        runner = bundle.roformer_runner(args.device, args.threads, max_batch=batch_size)
         common["batch_size"] = fitted([runner])
         sr = runner.info.sample_rate
         return lambda track: separate_track_msst(
             runner, track.path, job.stem_paths(track), instruments=bundle.instruments,
             target_instrument=bundle.target_instrument, num_overlap=args.num_overlap or bundle.num_overlap,
             progress=lambda n: progress.update(n / sr), **common)
-    bag = bundle.demucs_bag(args.device, args.threads, job.models)
+    bag = bundle.demucs_bag(args.device, args.threads, job.models, max_batch=batch_size)
     common["batch_size"] = fitted(bag.runners)
     segment = None if args.segment is None else int(args.segment * bag.sample_rate)
     return lambda track: separate_track(
