@@ -106,6 +106,10 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
     """Create a session; raise ProviderError when the requested GPU provider did not start."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's memory pattern allocates, from the second run on, one block for the whole planned run beside the blocks
+    # the arena already holds from the first: the peak nearly doubles (htdemucs 1.05 -> 1.67 GB, RoFormer vocals
+    # 5.0 -> 8.2 GB) for no measured speed (docs/BENCHMARKS.md).
+    opts.enable_mem_pattern = False
     opts.intra_op_num_threads = threads or int(os.environ.get("RIPPER_DIST_THREADS", 0)) or _usable_cores()
     if not spin:  # a process sharing its cores (a Ray actor beside the driver) must not busy-wait between ops
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

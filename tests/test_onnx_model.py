@@ -141,3 +141,8 @@ def test_batch_plan():
     assert batch_plan("auto", "cuda:1") == (AUTO_BATCH_CAP, True)
     assert batch_plan("auto", "tensorrt") == (AUTO_BATCH_CAP, True)
     assert batch_plan(6, "cuda") == (6, False) and batch_plan(3, "cpu") == (3, False)
+
+
+def test_sessions_run_without_the_memory_pattern():
+    """The memory pattern doubles the peak from the second run on (docs/BENCHMARKS.md): sessions turn it off."""
+    assert make_session(_graph(), "cpu").get_session_options().enable_mem_pattern is False
