@@ -5,6 +5,8 @@
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
         On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
+    python jobs/bench.py session  FILE.onnx [--runs 5]
+        ORT's memory pattern and arena on/off (each in a child): seconds and peak RSS after each run of one chunk.
     python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
         per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
     python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P]
@@ -594,6 +596,39 @@ def bench_graph(args) -> None:
         print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; vs first {sdr:6.1f} dB")
 
 
+def child_session(path: str, pattern: bool, arena: bool, runs: int, threads: int) -> dict:
+    """One plain ORT session, `runs` runs of one chunk: seconds and peak RSS after each (session options A/B)."""
+    import resource
+
+    import numpy as np
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.enable_mem_pattern, so.enable_cpu_mem_arena = threads, pattern, arena
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    x = 0.1 * np.random.default_rng(0).standard_normal((1, int(meta["ripper.channels"]),
+                                                        int(meta["ripper.chunk_samples"])))
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"mix": x.astype(np.float32)})
+        out.append((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    return {"runs": out}
+
+
+CHILDREN["session"] = child_session
+
+
+def bench_session(args) -> None:
+    """Memory pattern and arena on/off, each in its own child: peak RSS and time per run of one chunk."""
+    print(f"# session options, {args.file}, {args.runs} runs of one chunk, {args.threads} threads; {_machine()}")
+    for pattern, arena in ((True, True), (False, True), (False, False)):
+        r = _run_measured("session", path=args.file, pattern=pattern, arena=arena, runs=args.runs,
+                          threads=args.threads)
+        runs = "  ".join(f"{t:.2f} s/{m:.0f} MB" for t, m in r["runs"])
+        print(f"memory pattern {'on ' if pattern else 'off'}, arena {'on ' if arena else 'off'}: {runs}")
+
+
 def _batch_arg(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
@@ -631,6 +666,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="interleaved torch/engine child pairs")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (torch runs on cuda:N)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graph")
+    p = sub.add_parser("session")
+    p.add_argument("file", help="an exported .onnx graph")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p = sub.add_parser("graph")
     p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
     p.add_argument("--reps", type=int, default=4)
@@ -638,7 +677,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "memory": bench_memory,
-     "roformer": bench_roformer}[args.what](args)
+     "roformer": bench_roformer, "session": bench_session}[args.what](args)
 
 
 if __name__ == "__main__":
