@@ -103,8 +103,12 @@ class _GpuMemory:
         if self.device.startswith("cpu"):
             return self
         from ripper_dist.gpu_memory import gpu_memory
-        idx = int(self.device.partition(":")[2] or 0)
-        used = lambda: (lambda f, t: t - f)(*gpu_memory(idx))  # noqa: E731
+        from ripper_dist.onnx_model import parse_device
+        idx = parse_device(self.device)[1]
+
+        def used() -> int:
+            free, total = gpu_memory(idx)
+            return total - free
         base, peak, self._stop = used(), [0], threading.Event()
 
         def sample():
@@ -356,11 +360,10 @@ CHILDREN = {"prepare": child_prepare, "upstream": child_upstream, "engine": chil
 def _gpu_name(device: str) -> str:
     try:
         import pynvml
-        from ripper_dist.gpu_memory import physical_device
+        from ripper_dist.gpu_memory import nvml_handle
+        from ripper_dist.onnx_model import parse_device
         pynvml.nvmlInit()
-        key = physical_device(int(device.partition(":")[2] or 0))
-        h = pynvml.nvmlDeviceGetHandleByIndex(key) if isinstance(key, int) else pynvml.nvmlDeviceGetHandleByUUID(key)
-        name = pynvml.nvmlDeviceGetName(h)
+        name = pynvml.nvmlDeviceGetName(nvml_handle(pynvml, parse_device(device)[1]))
         return f"; GPU {name.decode() if isinstance(name, bytes) else name}, driver {pynvml.nvmlSystemGetDriverVersion()}"
     except Exception as e:  # noqa: BLE001 - a label, never a reason to fail the benchmark
         return f"; GPU unknown ({e})"

@@ -36,15 +36,18 @@ def physical_device(device_id: int, visible: str | None = None) -> str | int:
     return int(entry) if entry.isdigit() else entry
 
 
+def nvml_handle(pynvml, device_id: int):
+    """NVML handle of the `device_id`-th visible GPU (NVML must be initialised)."""
+    key = physical_device(device_id)
+    return pynvml.nvmlDeviceGetHandleByIndex(key) if isinstance(key, int) else pynvml.nvmlDeviceGetHandleByUUID(key)
+
+
 def gpu_memory(device_id: int = 0) -> tuple[int, int]:
     """(free, total) bytes on the `device_id`-th visible GPU, read with NVML (nvidia-ml-py)."""
     import pynvml
     pynvml.nvmlInit()
     try:
-        key = physical_device(device_id)
-        handle = (pynvml.nvmlDeviceGetHandleByIndex(key) if isinstance(key, int)
-                  else pynvml.nvmlDeviceGetHandleByUUID(key))
-        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        info = pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(pynvml, device_id))
         return int(info.free), int(info.total)
     finally:
         pynvml.nvmlShutdown()

@@ -16,6 +16,11 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
+#: `--batch-size auto` on a GPU: at most this many chunks per run (htdemucs: 16 x 7.8 s; beyond that a GPU is busy
+#: anyway, and a Ray batch's outputs, 16 x 44 MB, stay small in the object store). Also TensorRT's largest profile
+#: batch when none is given.
+AUTO_BATCH_CAP = 16
+
 
 class ProviderError(RuntimeError):
     """The requested execution provider is not available or failed to start."""
@@ -84,7 +89,7 @@ def providers_for(device: str, *, trt_cache: Path | None = None, fp16: bool = Fa
 
 
 def _trt_shapes(model: bytes | str | Path, largest: int) -> tuple[str, tuple[int, ...], int]:
-    """(input name, per-item shape, largest batch) for TensorRT's profile, read from the graph without weights."""
+    """(input name, per-item shape, largest batch) for TensorRT's profile (parses the graph once; TensorRT only)."""
     import io
 
     import onnx
@@ -102,7 +107,7 @@ def _usable_cores() -> int:
 
 
 def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 *, profile: str | None = None, spin: bool = True, max_batch: int = 16) -> ort.InferenceSession:
+                 *, profile: str | None = None, spin: bool = True, max_batch: int = AUTO_BATCH_CAP) -> ort.InferenceSession:
     """Create a session; raise ProviderError when the requested GPU provider did not start."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -146,11 +151,6 @@ def read_info(model: bytes | str | Path) -> GraphInfo:
     return GraphInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
 
 
-#: `--batch-size auto` on a GPU: at most this many chunks per run (htdemucs: 16 x 7.8 s; beyond that a GPU is busy
-#: anyway, and a Ray batch's outputs, 16 x 44 MB, stay small in the object store).
-AUTO_BATCH_CAP = 16
-
-
 def batch_plan(batch_size: int | str, device: str) -> tuple[int, bool]:
     """(chunks handed to a runner per call, whether runners size their batch to the GPU) for `--batch-size`."""
     on_gpu = parse_device(device)[0] != "cpu"
@@ -172,7 +172,7 @@ class OnnxRunner:
                  *, profile: str | None = None, spin: bool = True, bind: bool | None = None,
                  max_batch: int | None = None):
         kind, idx = parse_device(device)
-        self.session = make_session(model, device, threads, profile=profile, spin=spin, max_batch=max_batch or 16)
+        self.session = make_session(model, device, threads, profile=profile, spin=spin, max_batch=max_batch or AUTO_BATCH_CAP)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = GraphInfo.from_metadata(meta)
         self.chunk_samples = self.info.chunk_samples
@@ -244,3 +244,9 @@ class OnnxRunner:
         self.calibration["batch"] = self.max_batch
         log.info("%s: %s", self.device, self.calibration)
         return batch
+
+
+def fit_runners(runners, cap: int) -> int:
+    """`--batch-size auto` on a GPU: each ONNX Runtime runner measures what fits (one after another, so each sees
+    what the previous ones left); returns the largest batch, the one to feed them (each splits to its own)."""
+    return max((r.fit_to_gpu(cap) for r in runners if isinstance(r, OnnxRunner)), default=cap)

@@ -166,7 +166,7 @@ class ChunkSeparator:
                  fit_gpu: bool = False):
         import ray
 
-        from .onnx_model import OnnxRunner
+        from .onnx_model import OnnxRunner, fit_runners
         graphs = ray.get(list(graph_refs))
         # Test hooks: run ORT on the CPU inside actors scheduled on logical GPUs (placement tests), and slow chunks
         # down so a fault can be injected mid-run.
@@ -176,8 +176,7 @@ class ChunkSeparator:
         self.runners = {m: OnnxRunner(g, device, threads, spin=spin, max_batch=batch_size)
                         for m, g in enumerate(graphs) if g is not None}
         if fit_gpu:  # `--batch-size auto`: each session measures what its GPU holds (and halves on OOM)
-            for r in self.runners.values():
-                r.fit_to_gpu(batch_size)
+            fit_runners(self.runners.values(), batch_size)
         self.scheme, self.batch_size = scheme, batch_size
         self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -167,14 +167,12 @@ def total_duration(tracks: list[TrackInput]) -> float:
 def _track_separator(job: Job, args, progress: "Progress"):
     """A function track -> {stem: path} for this job's model family (Demucs bag or RoFormer)."""
     from .engine import separate_track, separate_track_msst
-    from .onnx_model import OnnxRunner, batch_plan
+    from .onnx_model import batch_plan, fit_runners
     bundle = job.bundle
     batch_size, fit_gpu = batch_plan(args.batch_size, args.device)
 
     def fitted(runners: list) -> int:
-        """`--batch-size auto` on a GPU: each runner measures what fits; the engine feeds the largest of them."""
-        sizes = [r.fit_to_gpu(batch_size) for r in runners if isinstance(r, OnnxRunner)] if fit_gpu else []
-        return max(sizes, default=batch_size)
+        return fit_runners(runners, batch_size) if fit_gpu else batch_size
 
     common = dict(stem_map=job.stem_map, fmt=job.fmt, subtype=job.subtype, clip=job.clip)
     if bundle.is_roformer:

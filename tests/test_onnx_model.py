@@ -146,3 +146,24 @@ def test_batch_plan():
 def test_sessions_run_without_the_memory_pattern():
     """The memory pattern doubles the peak from the second run on (docs/BENCHMARKS.md): sessions turn it off."""
     assert make_session(_graph(), "cpu").get_session_options().enable_mem_pattern is False
+
+
+def test_fit_runners_measures_each_session_and_feeds_the_largest(monkeypatch):
+    """A bag's sessions calibrate one after another on what the previous ones left; placeholders are skipped."""
+    import ripper_dist.gpu_memory as gm
+    from ripper_dist.models import _Unused
+    from ripper_dist.onnx_model import fit_runners
+    held = {"used": 0}
+    monkeypatch.setattr(gm, "gpu_memory", lambda idx=0: ((4 << 30) - held["used"], 4 << 30))
+    runners = [OnnxRunner(_graph(), "cpu", threads=1) for _ in range(2)]
+    for r in runners:
+        r.on_gpu = True
+        run = r._run
+
+        def grow(b, run=run):
+            held["used"] += len(b) * (200 << 20)  # each run keeps its blocks, as an arena does
+            return run(b)
+        r._run = grow
+    batch = fit_runners([runners[0], _Unused(16), runners[1]], 16)
+    assert runners[0].max_batch > runners[1].max_batch >= 1  # the second saw less free memory
+    assert batch == runners[0].max_batch
