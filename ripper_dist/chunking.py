@@ -390,7 +390,10 @@ class WeightIndex:
 class OverlapAdd:
     """Streaming reduction of one track's chunk outputs into the (S, C, L) result.
 
-    `add(task, output)` accepts the tasks of `tasks` in any order, once each. `pop_ready()` returns the next block of
+    `add(task, output)` accepts the tasks of `tasks` in any order, once each.
+    span: only the result samples [start, stop) (a span of a long track done by one worker): only the tasks touching
+    it are pending (`self.tasks`, in the order the engine runs them), with weights normalised over the whole plan, so
+    the span equals the same samples of the whole-track result. `pop_ready()` returns the next block of
     the final result: the samples from the previous pop up to the first sample a still-missing task could touch.
     `finish()` returns the rest once every task has been added. Concatenating all popped blocks gives the result.
 
@@ -404,8 +407,11 @@ class OverlapAdd:
 
     def __init__(self, tasks: Sequence[ChunkTask], *, length: int, n_sources: int, channels: int,
                  weights: Sequence[Sequence[float]] | None = None, transition_power: float = 1.0,
-                 stats: MixStats | None = None, dtype=np.float32):
+                 stats: MixStats | None = None, dtype=np.float32, span: tuple[int, int] | None = None):
         self.length = int(length)
+        self.start, self.stop = (0, self.length) if span is None else (int(span[0]), int(span[1]))
+        if not 0 <= self.start < self.stop <= self.length:
+            raise ValueError(f"span [{self.start}, {self.stop}) is not inside the track [0, {self.length})")
         self.n_sources = int(n_sources)
         self.channels = int(channels)
         self.stats = stats
@@ -427,19 +433,22 @@ class OverlapAdd:
             passes.setdefault(t.model, set()).add(t.shift)
         # factor[m][s] = weight[m][s] / (passes of m * total[s])
         self._factor = {m: w[m] / (len(ps) * totals) for m, ps in passes.items()}
+        # weights are normalised over the whole plan; only the tasks touching the span are accumulated
         self._index = WeightIndex(tasks, transition_power)
         self._pending: dict[tuple[int, int, int], ChunkTask] = {}
         for t in tasks:
             if t.key in self._pending:
                 raise ValueError(f"duplicate task {t.key} in the plan")
-            self._pending[t.key] = t
-        self._heap = [(t.keep_start, t.key) for t in tasks]
+            if t.keep_end > self.start and t.keep_start < self.stop:
+                self._pending[t.key] = t
+        self.tasks = sorted(self._pending.values(), key=lambda t: (t.keep_start, t.model, t.shift, t.index))
+        self._heap = [(max(t.keep_start, self.start), t.key) for t in self.tasks]
         heapq.heapify(self._heap)
-        self._base = 0      # track sample at buffer index 0 (= everything before has been popped)
+        self._base = self.start  # track sample at buffer index 0 (= everything before has been popped)
         self._used = 0      # buffer samples touched so far
         self._buf = np.zeros((self.n_sources, self.channels, 0), dtype=self.dtype)
-        self.added_samples = 0  # sum of keep_len of added tasks (progress in "work")
-        self.total_samples = sum(t.keep_len for t in tasks)
+        self.added_samples = 0  # sum of kept samples (inside the span) of added tasks (progress in "work")
+        self.total_samples = sum(self._clip(t)[1] - self._clip(t)[0] for t in self.tasks)
 
     # -- state --------------------------------------------------------------------------------------------------------
     @property
@@ -462,7 +471,10 @@ class OverlapAdd:
         """Every sample before this one is final."""
         while self._heap and self._heap[0][1] not in self._pending:
             heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else self.length
+        return self._heap[0][0] if self._heap else self.stop
+
+    def _clip(self, task: ChunkTask) -> tuple[int, int]:
+        return max(task.keep_start, self.start), min(task.keep_end, self.stop)
 
     # -- input --------------------------------------------------------------------------------------------------------
     def contribution(self, task: ChunkTask, output: np.ndarray, *, kept: bool = False) -> np.ndarray:
@@ -484,21 +496,23 @@ class OverlapAdd:
         if task.key not in self._pending or self._pending[task.key] != task:
             raise ValueError(f"task {task.key} is not pending (unknown, different, or already added)")
         contrib = self.contribution(task, output, kept=kept)
-        a = task.keep_start - self._base
-        b = a + task.keep_len
+        lo, hi = self._clip(task)
+        contrib = contrib[:, :, lo - task.keep_start:hi - task.keep_start]
+        a = lo - self._base
+        b = hi - self._base
         if a < 0:  # cannot happen: a pending task keeps `ready` at or before its start
             raise AssertionError("task starts before the popped prefix")
         self._ensure(b)
         self._buf[:, :, a:b] += contrib
         self._used = max(self._used, b)
         del self._pending[task.key]
-        self.added_samples += task.keep_len
+        self.added_samples += hi - lo
 
     def _ensure(self, n: int) -> None:
         cap = self._buf.shape[2]
         if n <= cap:
             return
-        new_cap = min(max(n, 2 * cap, 1024), self.length - self._base)
+        new_cap = min(max(n, 2 * cap, 1024), self.stop - self._base)
         buf = np.zeros((self.n_sources, self.channels, new_cap), dtype=self.dtype)
         buf[:, :, :self._used] = self._buf[:, :, :self._used]
         self._buf = buf
@@ -512,7 +526,7 @@ class OverlapAdd:
         """The rest of the result; every task must have been added."""
         if self._pending:
             raise RuntimeError(f"{len(self._pending)} tasks were never added, e.g. {next(iter(self._pending))}")
-        return self._pop(self.length - self._base)
+        return self._pop(self.stop - self._base)
 
     def _pop(self, n: int) -> np.ndarray:
         if n <= 0:

@@ -1,4 +1,4 @@
-"""`ripper-dist` command line: `models`, `export`, `separate`, `bench`.
+"""`ripper-dist` command line: `models`, `export`, `separate`.
 
 Flags follow `demucs` (`-n/--name`, `--repo`, `--shifts`, `--overlap`, `--segment`, `--two-stems`, `--int24`,
 `--float32`, `--flac`, `--clip-mode`, `-d/--device`, `-o/--out`) with audio-separator-style long forms (`--model`,
@@ -49,7 +49,7 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shifts", type=int, default=0,
                    help="random time shifts averaged (upstream's equivariant stabilisation; 0 = deterministic, default)")
     g.add_argument("--seed", type=int, default=0, help="seed for the shifts' offsets")
-    g.add_argument("--overlap", type=float, default=0.25, help="overlap between Demucs chunks (default 0.25)")
+    g.add_argument("--overlap", type=float, help="overlap between Demucs chunks (default 0.25)")
     g.add_argument("--num-overlap", type=int, help="RoFormer: chunks per chunk length (default from the config)")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="chunks per ONNX Runtime run, or auto (default): 1 on the CPU; on a GPU as many as its free "
@@ -78,6 +78,9 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", help="Ray cluster address (e.g. auto inside `ray job submit`, or ray://head:10001)")
     g.add_argument("--actors", type=int, help="ONNX Runtime actors (default: one per GPU, or cores / threads)")
     g.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+    g.add_argument("--no-shared-fs", dest="shared_fs", action="store_false",
+                   help="the cluster's nodes cannot see INPUT and OUT (no NFS): this node reads the inputs and writes "
+                        "the stems; workers get model-rate windows and send back their separated spans over Ray")
     g.add_argument("--force", action="store_true", help="redo tracks already done in OUT")
     g.add_argument("--no-progress", action="store_true")
 
@@ -137,9 +140,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def separate_options(args) -> "SeparateOptions":
+    """The parsed command line as the one options object the runtime takes (validated on construction)."""
+    from .options import SeparateOptions, parse_then
+    return SeparateOptions(
+        inputs=tuple(args.inputs), out=args.out, model=args.model, repo=args.repo, checkpoint=args.checkpoint,
+        config=args.config, precision=args.precision, shifts=args.shifts, seed=args.seed, overlap=args.overlap,
+        segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
+        two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
+        device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
+        num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,
+        verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo)
+
+
 def cmd_separate(args) -> int:
     from .separator import run_separation
-    return run_separation(args)
+    return run_separation(separate_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:

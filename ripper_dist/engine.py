@@ -1,25 +1,21 @@
-"""The single-process separator: a bag of Demucs graphs + the chunk plan + overlap-add -> stems.
+"""Demucs bags in plain numpy: the bag (runners, weights, segments), its chunk plan, and batched execution.
 
 A *runner* is anything with `chunk_samples` and `__call__(batch (B, C, chunk_samples) float32) -> (B, S, C,
-chunk_samples)`: an ONNX Runtime session wrapper in production, a numpy function in tests. The engine reads model
-inputs window by window (from memory or from the file), feeds each sub-model batches of its own chunks, and reduces the
-outputs with `chunking.OverlapAdd` in track order, so finished samples leave as soon as they are final: memory is a
-few segments, whatever the track length.
+chunk_samples)`: an ONNX Runtime session wrapper in production, a numpy function in tests. `run_tasks` feeds each
+sub-model batches of its own chunks in track order; `families.DemucsFamily` reduces them per span with
+`chunking.OverlapAdd`. `separate_array` is the in-memory composition (upstream `apply_model` on an array), used to
+check parity with upstream.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .audio import AudioReader, mix_stats as file_mix_stats, probe, resampled_length
-from .chunking import ChunkTask, MixStats, OverlapAdd, mix_stats, normalize, plan_chunks, read_window
-from .track_output import TrackOutput, needed_models, select_stems
+from .chunking import ChunkTask, OverlapAdd, mix_stats, normalize, plan_chunks, read_window
 
-__all__ = ["DemucsBag", "Runner", "separate_array", "separate_file", "separate_track"]
+__all__ = ["DemucsBag", "Runner", "run_tasks", "separate_array"]
 
 Progress = Callable[[int], None]
 
@@ -104,18 +100,18 @@ class DemucsBag:
                            seed=seed, max_shift=self.max_shift, n_models=len(self.runners), input_samples=inputs)
 
 
-def _execute(bag: DemucsBag, tasks: Sequence[ChunkTask], window: Callable[[ChunkTask, int], np.ndarray],
-             batch_size: int, consume: Callable[[list[ChunkTask], np.ndarray], None]) -> None:
-    """Run every task in track order, batched per sub-model; hand each batch's outputs (B, S, C, chunk) to
-    `consume` as soon as it is computed."""
+def run_tasks(runners: Sequence, tasks: Sequence[ChunkTask], window: Callable[[ChunkTask, int], np.ndarray],
+              batch_size: int, consume: Callable[[list[ChunkTask], np.ndarray], None], *, n_sources: int,
+              channels: int) -> None:
+    """Run `tasks` in track order, batched per sub-model; hand each batch's outputs (B, S, C, chunk) to `consume`
+    as soon as it is computed. `window(task, chunk_samples)` gives a task's model input."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     queues: dict[int, list[ChunkTask]] = {}
-    n_sources, channels = len(bag.sources), bag.channels
 
     def flush(m: int) -> None:
         queue = queues.pop(m)
-        runner = bag.runners[m]
+        runner = runners[m]
         chunk = int(runner.chunk_samples)
         batch = np.stack([window(t, chunk) for t in queue])
         out = np.asarray(runner(batch))
@@ -165,131 +161,8 @@ def separate_array(bag: DemucsBag, mix: np.ndarray, *, shifts: int = 0, overlap:
             acc.add(t, o)
         emit(acc.pop_ready())
 
-    _execute(bag, tasks, lambda t, n: read_window(norm, t, n), batch_size, consume)
+    run_tasks(bag.runners, tasks, lambda t, n: read_window(norm, t, n), batch_size, consume,
+              n_sources=len(bag.sources), channels=bag.channels)
     emit(acc.finish())
     assert pos == length
     return out
-
-
-def _stem_path(out_dir: Path, filename: str, track: Path, stem: str, ext: str) -> Path:
-    name, _, trackext = track.name.rpartition(".")
-    if not name:
-        name, trackext = track.name, ""
-    return out_dir / filename.format(track=name, trackext=trackext, stem=stem, ext=ext)
-
-
-def separate_track(bag: DemucsBag, path: str | os.PathLike, out_paths: Mapping[str, str | os.PathLike], *,
-                   stem_map: Mapping[str, Sequence[int]] | None = None, fmt: str = "wav", subtype: str = "PCM_16",
-                   clip: str = "rescale", shifts: int = 0, overlap: float = 0.25, seed: int = 0,
-                   transition_power: float = 1.0, batch_size: int = 1, segment_samples: int | None = None,
-                   progress: Progress | None = None) -> dict[str, Path]:
-    """Separate one audio file into the stem files `out_paths` ({stem: path}), streaming.
-
-    The file is read at the model rate and channel count (`AudioReader`), normalised with statistics of the whole
-    track (one extra read pass), separated, and each stem written back at the file's sample rate and frame count (mono
-    files give mono stems: the mean of the model's two channels; others get the model's channels) through
-    `track_output.TrackOutput` (the same code the Ray reducer uses). Memory does not grow with the track length.
-
-    stem_map: stem -> indices of the model sources summed into it (None: each stem of `out_paths` is the source of
-    that name). Sub-models whose weights are 0 for every source used are not run (their runner is never called).
-    progress: called with the number of newly finished model-rate samples (their sum is the model-rate length).
-    Each file appears atomically; on error no temporary files are left and no new stem file appears.
-    Returns {stem: path}.
-    """
-    path = Path(path)
-    out_paths = {s: Path(p) for s, p in out_paths.items()}
-    if stem_map is None:
-        stem_map = select_stems(bag.sources, list(out_paths), None)
-    stem_map = {s: list(v) for s, v in stem_map.items()}
-    if set(stem_map) != set(out_paths):
-        raise ValueError(f"stems {sorted(stem_map)} and output paths {sorted(out_paths)} differ")
-    info = probe(path)
-    with AudioReader(path, bag.sample_rate, bag.channels) as reader:
-        length = reader.length
-        stats: MixStats = file_mix_stats(reader)
-        tasks = bag.plan(length, shifts=shifts, overlap=overlap, seed=seed, segment_samples=segment_samples)
-        needed = needed_models(bag.weights, stem_map)
-        tasks = [t for t in tasks if t.model in needed]
-        # reads come in track order per sub-model batch: let a sequential (mp3/ogg) reader keep enough behind
-        reader.history = max(reader.history, (batch_size + 2) * max(bag.chunk_samples))
-        track = TrackOutput(tasks=tasks, length=length, sources=bag.sources, channels=bag.channels,
-                            weights=bag.weights, stats=stats, stem_map=stem_map, out_paths=out_paths,
-                            model_rate=bag.sample_rate, info=info, fmt=fmt, subtype=subtype, clip=clip,
-                            transition_power=transition_power)
-
-        def consume(batch_tasks: list[ChunkTask], outputs: np.ndarray) -> None:
-            n = sum(track.add(t, o) for t, o in zip(batch_tasks, outputs))
-            if n and progress is not None:
-                progress(n)
-
-        try:
-            _execute(bag, tasks, lambda t, n: read_window(reader, t, n, stats=stats), batch_size, consume)
-        except BaseException:
-            track.abort()
-            raise
-        paths, n = track.finish()
-        if n and progress is not None:
-            progress(n)
-    return dict(paths)
-
-
-def separate_file(bag: DemucsBag, path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                  stems: Sequence[str] | None = None, fmt: str = "wav", subtype: str = "PCM_16",
-                  clip: str = "rescale", shifts: int = 0, overlap: float = 0.25, seed: int = 0,
-                  transition_power: float = 1.0, batch_size: int = 1, segment_samples: int | None = None,
-                  filename: str = "{track}/{stem}.{ext}", progress: Progress | None = None) -> dict:
-    """`separate_track` with output names from a template: `out_dir / filename.format(track=<input name without
-    extension>, trackext=..., stem=..., ext=fmt)`. stems: which sources to write (None = all).
-
-    Returns {"stems": {stem: path str}, "duration_s", "sample_rate", "channels" (of the stems), "frames",
-    "model_frames"}.
-    """
-    path = Path(path)
-    wanted = list(select_stems(bag.sources, stems, None))
-    info = probe(path)
-    out_paths = {s: _stem_path(Path(out_dir), filename, path, s, fmt) for s in wanted}
-    paths = separate_track(bag, path, out_paths, fmt=fmt, subtype=subtype, clip=clip, shifts=shifts,
-                           overlap=overlap, seed=seed, transition_power=transition_power, batch_size=batch_size,
-                           segment_samples=segment_samples, progress=progress)
-    return {
-        "stems": {s: str(p) for s, p in paths.items()},
-        "duration_s": info.duration_s,
-        "sample_rate": info.sample_rate,
-        "channels": 1 if info.channels == 1 else bag.channels,
-        "frames": info.frames,
-        "model_frames": resampled_length(info.frames, info.sample_rate, bag.sample_rate),
-    }
-
-
-def separate_track_msst(runner, path: str | os.PathLike, out_paths: dict[str, Path], *, instruments: Sequence[str],
-                        target_instrument: str | None, stem_map: dict[str, list[int]], num_overlap: int,
-                        fmt: str = "wav", subtype: str = "PCM_16", clip: str = "rescale", batch_size: int = 1,
-                        progress: Progress | None = None) -> dict[str, Path]:
-    """RoFormer: one file through MSST `demix` (chunk size = the graph length) into stem files.
-
-    The track is held at the model rate (MSST reflect-pads and normalises over the whole track); the stems are the
-    model's plus, with a target instrument, the complement `mix - target` (`track_output.MsstTrackOutput`, shared
-    with the Ray reducer).
-    """
-    from .msst_chunking import plan_chunks as msst_plan, read_chunk
-    from .track_output import MsstTrackOutput
-    info = probe(path)
-    sr, channels = runner.info.sample_rate, runner.info.channels
-    with AudioReader(path, sr, channels) as reader:
-        mix = reader.read_all()
-    plan = msst_plan(mix.shape[1], runner.chunk_samples, num_overlap)
-    track = MsstTrackOutput(plan=plan, n_sources=len(runner.info.sources), channels=channels,
-                            instruments=instruments, target_instrument=target_instrument, stem_map=stem_map,
-                            out_paths={s: Path(p) for s, p in out_paths.items()}, model_rate=sr, info=info, fmt=fmt,
-                            subtype=subtype, clip=clip, read_mix=lambda: mix)
-    step = max(1, int(batch_size))
-    for i in range(0, len(plan.chunks), step):
-        chunks = plan.chunks[i:i + step]
-        outputs = runner(np.stack([read_chunk(mix, plan, c) for c in chunks]))
-        n = sum(track.add(c, o) for c, o in zip(chunks, outputs))
-        if progress is not None and n:
-            progress(n)
-    paths, n = track.finish()
-    if progress is not None and n:
-        progress(n)
-    return paths

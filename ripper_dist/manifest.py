@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,10 +44,6 @@ SCHEMA = pa.schema([
 ROW_DIR = ".ripper-dist/rows"
 
 
-def options_key(options: dict) -> str:
-    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def normalise_row(row: dict) -> dict:
     out = {f.name: row.get(f.name) for f in SCHEMA}
     if isinstance(out["stem_paths"], dict):
@@ -67,6 +64,42 @@ def _atomic_write_table(table: pa.Table, dest: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What every row of a job shares (shipped to the workers that build the rows)."""
+
+    out_dir: str
+    model: str
+    fmt: str
+    subtype: str
+    options_key: str
+    engine: str
+
+    def base(self, input_path: str, track: str) -> dict:
+        row = {"input_path": input_path, "track": track, "model": self.model, "format": self.fmt,
+               "subtype": self.subtype, "options_key": self.options_key, "engine": self.engine}
+        try:
+            st = os.stat(input_path)
+            row["input_size"], row["input_mtime_ns"] = st.st_size, st.st_mtime_ns
+        except OSError:
+            pass
+        return row
+
+    def failed(self, input_path: str, track: str, error: str, **extra) -> dict:
+        return self.base(input_path, track) | {"status": "failed", "error": error, "stem_paths": {},
+                                               "finished_at": time.time()} | extra
+
+    def done(self, input_path: str, track: str, *, plan, paths: dict, started: float, finished: float,
+             node: str, worker: str, **extra) -> dict:
+        """A finished track. elapsed_s is its wall span (first span started to stems published)."""
+        elapsed = max(finished - started, 1e-9)
+        return self.base(input_path, track) | {
+            "status": "done", "error": None, "duration_s": plan.duration_s, "sample_rate": plan.in_rate,
+            "channels": plan.in_channels, "stem_paths": {s: str(Path(p).relative_to(self.out_dir)) for s, p in paths.items()},
+            "input_sha256": plan.input_sha256, "started_at": started, "finished_at": finished, "elapsed_s": elapsed,
+            "realtime_x": plan.duration_s / elapsed, "node": node, "worker": worker} | extra
 
 
 def row_file_name(input_path: str) -> str:

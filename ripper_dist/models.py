@@ -11,13 +11,14 @@ from pathlib import Path
 from .export_cache import ExportedModel, export_demucs_source
 from .onnx_model import GraphInfo, OnnxRunner, read_info
 
-ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")
+from .options import ROFORMER_FAMILIES
 
 
-def export_model(args) -> ExportedModel:
-    """Resolve `--model/--repo/--checkpoint/--config/--precision` and return cached (or freshly exported) graphs."""
+def export_model(opts) -> ExportedModel:
+    """The model of `opts` (`SeparateOptions`, or anything with model/repo/checkpoint/config/precision): cached graphs,
+    exported (and parity-checked) on first use."""
     from .export_cache import with_precision
-    precision = getattr(args, "precision", "fp32")
+    args, precision = opts, opts.precision
     if args.model in ROFORMER_FAMILIES:
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:

@@ -13,7 +13,7 @@ Semantics (``utils/model_utils.py: demix``, generic mode), with C = chunk size:
 - sum of weighted outputs / sum of windows (0 where no weight: MSST's ``nan_to_num``), then the border is cropped.
 
 The pieces are separable for a distributed pipeline: `plan_chunks` (plain ints), `source_span` + `read_chunk`
-(a worker needs only the samples of its chunk), `MsstAccumulator` (chunk outputs in any order), and `demix`, the
+(a worker needs only the samples of its chunk), `MsstOverlapAdd` (chunk outputs in any order, finished samples streamed out, optionally for a span), and `demix`, the
 single-process composition. `output_stems`/`add_complement` implement the stems rule: the model's stems are
 ``training.instruments``, or only ``target_instrument`` when the config names one, in which case the complement
 (mix minus target) is added under the other instrument's name.
@@ -34,7 +34,7 @@ __all__ = [
     "chunk_window",
     "source_span",
     "read_chunk",
-    "MsstAccumulator",
+    "MsstOverlapAdd",
     "demix",
     "model_sources",
     "complement_name",
@@ -152,51 +152,89 @@ def read_chunk(mix: np.ndarray, plan: MsstPlan, chunk: MsstChunk, offset: int = 
     return np.ascontiguousarray(part, dtype=np.float32)
 
 
-class MsstAccumulator:
-    """Overlap-add of chunk outputs, in any order; `result()` once every chunk was added."""
+class MsstOverlapAdd:
+    """Streaming MSST overlap-add: chunk outputs in -> finished track samples out, in order, bounded memory.
 
-    def __init__(self, plan: MsstPlan, num_sources: int, channels: int, dtype=np.float32):
+    A sample is final once every chunk covering it is in; MSST's division by the sum of fade windows is then done on
+    it alone (the same float32 operations as MSST's whole-track `result / counter`, so the samples are identical).
+    span: only track samples [start, stop) (one worker's share of a long track): the pending chunks are those that
+    touch it (`self.chunks`, in plan order). `pop_ready()` returns the next final block (sources, channels, n);
+    `finish()` the rest once every chunk is in. Memory: the samples between the last pop and the furthest chunk added.
+    """
+
+    def __init__(self, plan: MsstPlan, num_sources: int, channels: int, span: tuple[int, int] | None = None):
         self.plan = plan
         self.num_sources, self.channels = int(num_sources), int(channels)
-        self._sum = np.zeros((self.num_sources, self.channels, plan.padded_length), dtype=dtype)
-        self._weight = np.zeros(plan.padded_length, dtype=dtype)
-        self._done: set[int] = set()
+        start, stop = (0, plan.length) if span is None else (int(span[0]), int(span[1]))
+        if not 0 <= start < stop <= plan.length:
+            raise ValueError(f"span [{start}, {stop}) is not inside the track [0, {plan.length})")
+        self.start, self.stop = start, stop
+        lo, hi = start + plan.pad, stop + plan.pad  # padded coordinates
+        self.chunks = [c for c in plan.chunks if c.start < hi and c.start + c.length > lo]
+        self._pending = {c.index: c for c in self.chunks}
+        self._lo, self._hi = lo, hi
+        self._base = lo  # padded sample at buffer index 0
+        self._sum = np.zeros((self.num_sources, self.channels, 0), dtype=np.float32)
+        self._weight = np.zeros(0, dtype=np.float32)
 
     @property
-    def complete(self) -> bool:
-        return len(self._done) == len(self.plan.chunks)
+    def pending(self) -> int:
+        return len(self._pending)
 
     @property
     def missing(self) -> list[int]:
-        return [c.index for c in self.plan.chunks if c.index not in self._done]
+        return sorted(self._pending)
+
+    def _ensure(self, n: int) -> None:
+        if n > self._weight.shape[0]:
+            cap = min(max(n, 2 * self._weight.shape[0], 1024), self._hi - self._base)
+            s = np.zeros((self.num_sources, self.channels, cap), dtype=np.float32)
+            w = np.zeros(cap, dtype=np.float32)
+            s[..., :self._sum.shape[-1]] = self._sum
+            w[:self._weight.shape[0]] = self._weight
+            self._sum, self._weight = s, w
 
     def add(self, chunk: MsstChunk | int, output: np.ndarray) -> None:
         """`output`: ``(sources, channels, chunk_size)`` (or at least ``chunk.length`` samples long)."""
         if not isinstance(chunk, MsstChunk):
             chunk = self.plan.chunks[int(chunk)]
-        if chunk.index in self._done:
-            raise ValueError(f"chunk {chunk.index} added twice")
+        if self._pending.get(chunk.index) != chunk:
+            raise ValueError(f"chunk {chunk.index} is not pending (added twice, or outside the span)")
         output = np.asarray(output)
         n = chunk.length
         if output.shape[:2] != (self.num_sources, self.channels) or output.shape[-1] < n:
             raise ValueError(f"chunk output shape {output.shape}, expected ({self.num_sources}, {self.channels}, "
                              f">={n})")
-        w = chunk_window(self.plan, chunk)[:n]
-        s = chunk.start
-        self._sum[..., s:s + n] += output[..., :n] * w
-        self._weight[s:s + n] += w
-        self._done.add(chunk.index)
+        a, b = max(chunk.start, self._lo), min(chunk.start + n, self._hi)
+        w = chunk_window(self.plan, chunk)[:n][a - chunk.start:b - chunk.start]
+        self._ensure(b - self._base)
+        self._sum[..., a - self._base:b - self._base] += output[..., a - chunk.start:b - chunk.start] * w
+        self._weight[a - self._base:b - self._base] += w
+        del self._pending[chunk.index]
 
-    def result(self) -> np.ndarray:
-        """``(sources, channels, length)`` float32."""
-        if not self.complete:
+    def _ready(self) -> int:
+        first = min((c.start for c in self._pending.values()), default=self._hi)
+        return min(max(first, self._lo), self._hi)
+
+    def _pop(self, upto: int) -> np.ndarray:
+        n = upto - self._base
+        if n <= 0:
+            return np.zeros((self.num_sources, self.channels, 0), dtype=np.float32)
+        self._ensure(n)
+        s, w = self._sum[..., :n], self._weight[:n]
+        out = np.divide(s, w, out=np.zeros_like(s), where=w > 0)
+        self._sum = self._sum[..., n:].copy()
+        self._weight = self._weight[n:].copy()
+        self._base = upto
+        return out
+
+    def pop_ready(self) -> np.ndarray:
+        return self._pop(self._ready())
+
+    def finish(self) -> np.ndarray:
+        if self._pending:
             raise ValueError(f"chunks not added yet: {self.missing[:10]}")
-        w = self._weight
-        out = np.divide(self._sum, w, out=np.zeros_like(self._sum), where=w > 0)
-        p = self.plan.pad
-        if p:
-            out = out[..., p:-p]
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return self._pop(self._hi)
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -212,17 +250,20 @@ def demix(mix: np.ndarray, runner: Callable[[np.ndarray], np.ndarray], chunk_siz
     if mix.ndim != 2:
         raise ValueError(f"mix must be (channels, samples), got {mix.shape}")
     plan = plan_chunks(mix.shape[-1], chunk_size, num_overlap)
-    acc: MsstAccumulator | None = None
+    acc: MsstOverlapAdd | None = None
+    blocks = []
     for batch in _batches(plan.chunks, max(1, int(batch_size))):
         x = np.stack([read_chunk(mix, plan, c) for c in batch])
         y = np.asarray(runner(x))
         if y.ndim != 4 or y.shape[0] != len(batch):
             raise ValueError(f"runner returned {y.shape}, expected ({len(batch)}, S, {mix.shape[0]}, {chunk_size})")
         if acc is None:
-            acc = MsstAccumulator(plan, y.shape[1], mix.shape[0])
+            acc = MsstOverlapAdd(plan, y.shape[1], mix.shape[0])
         for c, out in zip(batch, y):
             acc.add(c, out)
-    return acc.result()
+        blocks.append(acc.pop_ready())
+    blocks.append(acc.finish())
+    return np.concatenate(blocks, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

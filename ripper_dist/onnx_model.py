@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .device import parse_device
+
 log = logging.getLogger(__name__)
 
 #: `--batch-size auto` on a GPU: at most this many chunks per run (htdemucs: 16 x 7.8 s; beyond that a GPU is busy
@@ -50,15 +52,6 @@ class GraphInfo:
             )
         except KeyError as e:
             raise ValueError(f"ONNX graph lacks ripper metadata {e}; export it with `ripper-dist export`") from None
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' | 'cuda' | 'cuda:1' | 'tensorrt' | 'tensorrt:0' -> (kind, device_id)."""
-    kind, _, idx = device.partition(":")
-    kind = kind.lower()
-    if kind not in ("cpu", "cuda", "tensorrt"):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda[:N] or tensorrt[:N]")
-    return kind, int(idx or 0)
 
 
 def providers_for(device: str, *, trt_cache: Path | None = None, fp16: bool = False,

@@ -1,416 +1,374 @@
-"""The Ray job: tracks -> chunk rows in a Ray Dataset -> ONNX Runtime actor pool -> streaming overlap-add -> stems.
+"""The Ray job: tracks -> spans -> ONNX Runtime actors -> span parts -> stems assembled on the workers -> rows.
 
-Stages:
-1. `flat_map(_plan_track)` (a task per track): probes the file and emits one row per chunk, no audio: for Demucs the
-   engine's `ChunkTask` fields plus the track's normalisation statistics (read once, block by block); for RoFormer
-   the MSST chunk fields. A bad file becomes a single error row. Rows of a track come out in track order.
-2. `map_batches(ChunkSeparator)` (an actor pool): each actor holds one ONNX Runtime session per sub-model, built from
-   ONNX bytes shipped through the object store (no shared filesystem for models). It decodes each chunk's window by
-   seeking (`AudioReader`), normalises, runs the graph and returns only the kept part of the output. One actor per
-   GPU (`num_gpus=1`, CUDA device 0 as Ray sets CUDA_VISIBLE_DEVICES) or CPU actors with ORT threads matched.
-3. The driver iterates the output in order (`preserve_order`) and feeds each track's `TrackOutput` (the same
-   overlap-add and stem writers as the local engine); a track's files are published and its metadata row recorded as
-   soon as its last chunk arrives. Memory: a few chunks per track in flight, however many tracks the archive holds.
+The driver touches no audio sample. It plans nothing heavier than a list of paths, schedules, draws the progress bar
+and records the manifest; what reaches it per track is one metadata row (a few hundred bytes).
 
-Fault tolerance: Ray Data restarts dead actors and reruns their batches; with ordered output nothing is duplicated,
-and the reducer ignores a chunk it has already added in any case. Python errors in a chunk become an error on that
-track's row, never a crash of the job.
+Stages of one Ray Dataset, streaming (no barrier, no ordering: a slow span stalls nothing else):
+1. `_plan` (CPU tasks, one per track): probe, hash, the family's one pass over the track (Demucs: normalisation
+   statistics), and the cut into spans (`span_work.plan_track`). A long track, or a short one when there are fewer
+   tracks than actors, becomes several spans, so its work spreads over the actors; a span is at most
+   `SPAN_SECONDS_MAX` long, which bounds every process's memory however long the track. A bad file becomes one row
+   carrying its error.
+2. `SpanSeparator` (the actor pool: one actor per GPU, or CPU actors with ORT threads matched to the cores): runs the
+   span (`span_work.run_span`, the same work unit as the local engine) and streams its output into a span part.
+3. `_finish` (CPU tasks): the task that sees the last span of a track claims it, assembles the stems from the parts
+   in order (resampling, clipping, encoding: never on a GPU actor), publishes them and builds the track's row.
+
+Filesystems: by default every node reads the inputs and writes OUT directly (NFS or one machine). With
+`--no-shared-fs`, planning and finishing are pinned to the driver's node and the actors read their windows from, and
+send their parts to, a `node_io.NodeIO` actor there: inputs and stems never need to exist on a worker's disk.
+
+Faults: Ray Data restarts dead actors and reruns their batches; a part is published by rename and a track is claimed
+once, so a rerun span changes nothing. A Python error in a span becomes that track's failed row. A track the job did
+not finish (driver killed) is redone by the next run; its leftover parts are removed first.
 """
 from __future__ import annotations
 
-import collections
+import json
+import math
 import os
+import shutil
 import socket
 import time
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import AudioError, AudioReader, mix_stats, probe
-from .chunking import ChunkTask, MixStats, read_window
-from .onnx_model import batch_plan
-from .separator import Job, Progress, done_row, failed_row
-from .sources import sha256_file
-from .track_output import TrackOutput
+from .families import Family
+from .manifest import RowContext
+from .options import SeparateOptions
+from .parts import TrackParts, parts_root
+from .separator import Job, Progress
+from .span_work import TrackPlan, open_reader, plan_track, run_span, stem_sink
 
-_TASK_FIELDS = [f for f in ChunkTask.__dataclass_fields__]
-_MSST_FIELDS = ["index", "start", "length", "fade_in", "fade_out"]
-
-
-class DemucsScheme:
-    """Demucs `apply_model` chunks: normalisation statistics per track, centred windows, streaming overlap-add."""
-
-    def __init__(self, job: Job, args):
-        self.planner = job.bundle.planner()
-        self.models = job.models
-        self.sample_rate, self.channels = self.planner.sample_rate, self.planner.channels
-        self.n_sources = len(self.planner.sources)
-        seg = None if args.segment is None else int(args.segment * self.sample_rate)
-        self.plan_kwargs = dict(shifts=args.shifts, overlap=args.overlap, seed=args.seed, segment_samples=seg)
-        self.keep_max = max(self.planner.segment_samples) if seg is None else seg
-        self.empty_row = {f: 0 for f in _TASK_FIELDS} | {"stat_total": 0.0, "stat_total_sq": 0.0, "stat_count": 0}
-
-    def tasks(self, length: int) -> list[ChunkTask]:
-        tasks = [t for t in self.planner.plan(length, **self.plan_kwargs) if t.model in self.models]
-        return sorted(tasks, key=lambda t: (t.keep_start, t.model, t.shift, t.index))
-
-    def rows(self, reader: AudioReader) -> list[dict]:
-        stats = mix_stats(reader)
-        common = {"stat_total": stats.total, "stat_total_sq": stats.total_sq, "stat_count": stats.count}
-        return [common | t.as_dict() for t in self.tasks(reader.length)]
-
-    @staticmethod
-    def _stats(batch, i) -> MixStats:
-        return MixStats(float(batch["stat_total"][i]), float(batch["stat_total_sq"][i]), int(batch["stat_count"][i]))
-
-    @staticmethod
-    def task(batch, i) -> ChunkTask:
-        return ChunkTask.from_dict({f: batch[f][i] for f in _TASK_FIELDS})
-
-    def model_input(self, batch, i, reader: AudioReader, runners: dict) -> tuple[int, ChunkTask, np.ndarray]:
-        task = self.task(batch, i)
-        window = read_window(reader, task, runners[task.model].chunk_samples, stats=self._stats(batch, i))
-        return task.model, task, window
-
-    @staticmethod
-    def kept(task: ChunkTask, output: np.ndarray) -> np.ndarray:
-        return output[:, :, task.out_start:task.out_start + task.keep_len]
-
-    @staticmethod
-    def add(out: TrackOutput, task: ChunkTask, kept: np.ndarray) -> int:
-        return out.add(task, kept, kept=True)
-
-    def track_output(self, job: Job, track, info, batch, i, length: int) -> TrackOutput:
-        p = self.planner
-        return TrackOutput(tasks=self.tasks(length), length=length, sources=p.sources, channels=p.channels,
-                           weights=p.weights, stem_map=job.stem_map, out_paths=job.stem_paths(track),
-                           model_rate=self.sample_rate, info=info, fmt=job.fmt, subtype=job.subtype, clip=job.clip,
-                           stats=self._stats(batch, i))
+SPAN_SECONDS_MAX = 120  # per span: ~170 MB of htdemucs float32 stems in flight at most, ~5% calls run twice at cuts
+SPAN_SECONDS_MIN = 15   # a span shorter than this spends more on its edge chunks than spreading gains
+ROW_COLUMNS = ("kind", "track_idx", "seconds", "duration_s", "row")  # all the driver receives
 
 
-class MsstScheme:
-    """RoFormer (MSST `demix`) chunks: reflect-padded plan, faded windows, the track reduced when complete."""
+@dataclass(frozen=True)
+class JobSpec:
+    """What the workers need to know about the job (no graphs: those travel once, as object refs)."""
 
-    def __init__(self, job: Job, args):
-        b = job.bundle
-        self.models = {0}
-        self.sample_rate, self.channels = b.info.sample_rate, b.info.channels
-        self.n_sources = len(b.info.sources)
-        self.chunk, self.num_overlap = b.info.chunk_samples, args.num_overlap or b.num_overlap
-        self.instruments, self.target = b.instruments, b.target_instrument
-        self.keep_max = self.chunk
-        self.empty_row = {f: 0 for f in _MSST_FIELDS}
-        self._plans: dict[int, object] = {}
+    family: Family
+    rows: RowContext
+    parts_root: str
+    fmt: str
+    subtype: str
+    clip: str
+    n_tracks: int
+    actors: int
+    io: object = None  # the NodeIO actor handle with --no-shared-fs
 
-    def plan(self, length: int):
-        from .msst_chunking import plan_chunks
-        if length not in self._plans:
-            self._plans = {length: plan_chunks(length, self.chunk, self.num_overlap)}
-        return self._plans[length]
+    def n_spans(self, length: int) -> int:
+        sr = self.family.sample_rate
+        n = math.ceil(length / (SPAN_SECONDS_MAX * sr))
+        if self.n_tracks < 2 * self.actors:  # too few tracks to keep every actor busy: spread each one
+            n = max(n, min(self.actors, length // (SPAN_SECONDS_MIN * sr)))
+        return max(1, n)
 
-    def rows(self, reader: AudioReader) -> list[dict]:
-        return [c.to_dict() for c in self.plan(reader.length).chunks]
+    def out_paths(self, track: str) -> dict:
+        from pathlib import Path
+        return {s: Path(self.rows.out_dir) / track / f"{s}.{self.fmt}" for s in self.family.stems}
 
-    @staticmethod
-    def task(batch, i):
-        from .msst_chunking import MsstChunk
-        return MsstChunk(**{f: int(batch[f][i]) for f in _MSST_FIELDS})
+    def parts(self, track: str, n_spans: int):
+        if self.io is not None:
+            from .node_io import RemoteParts
+            return RemoteParts(self.io, self.parts_root, track, n_spans)
+        return TrackParts(self.parts_root, track, n_spans)
 
-    def model_input(self, batch, i, reader: AudioReader, runners: dict):
-        from .msst_chunking import read_chunk, source_span
-        plan = self.plan(int(batch["track_length"][i]))
-        chunk = self.task(batch, i)
-        a, b = source_span(plan, chunk)
-        return 0, chunk, read_chunk(reader.read(a, b), plan, chunk, offset=a)
-
-    @staticmethod
-    def kept(chunk, output: np.ndarray) -> np.ndarray:
-        return output
-
-    def add(self, out, chunk, kept: np.ndarray) -> int:
-        return out.add(chunk, kept)
-
-    def track_output(self, job: Job, track, info, batch, i, length: int):
-        from .track_output import MsstTrackOutput
-
-        def read_mix():
-            with AudioReader(track.path, self.sample_rate, self.channels) as r:
-                return r.read_all()
-
-        return MsstTrackOutput(plan=self.plan(length), n_sources=self.n_sources, channels=self.channels,
-                               instruments=self.instruments, target_instrument=self.target, stem_map=job.stem_map,
-                               out_paths=job.stem_paths(track), model_rate=self.sample_rate, info=info, fmt=job.fmt,
-                               subtype=job.subtype, clip=job.clip, read_mix=read_mix)
+    def reader(self, path: str):
+        if self.io is not None:
+            from .node_io import RemoteReader
+            return RemoteReader(self.io, path, self.family.sample_rate, self.family.channels)
+        return open_reader(self.family, path)
 
 
-def _plan_track(row: dict, *, scheme) -> list[dict]:
-    base = {"track_idx": int(row["track_idx"]), "path": row["path"], "error": "", "input_sha256": ""}
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+# -- stage 1: plan --------------------------------------------------------------------------------------------------
+def _plan(row: dict, *, spec: JobSpec) -> list[dict]:
+    base = {"track_idx": int(row["track_idx"]), "path": row["path"], "track": row["track"], "span": 0,
+            "n_spans": 0, "plan": "", "error": ""}
     try:
-        base["input_sha256"] = sha256_file(Path(row["path"]))  # here, not on the driver: workers share the reading
-        with AudioReader(row["path"], scheme.sample_rate, scheme.channels) as reader:
-            if reader.length == 0:
-                raise AudioError(f"{row['path']}: no audio samples")
-            rows = scheme.rows(reader)
-            length = reader.length
+        with open_reader(spec.family, row["path"]) as reader:
+            plan = plan_track(spec.family, reader, spec.n_spans)
     except Exception as e:  # noqa: BLE001 - any failure belongs on this track's row
-        return [base | scheme.empty_row | {"n_tasks": 0, "track_length": 0, "error": f"{type(e).__name__}: {e}"}]
-    common = base | {"n_tasks": len(rows), "track_length": length}
-    return [common | r for r in rows]
+        return [base | {"error": _error(e)}]
+    text = json.dumps(plan.to_row())
+    return [base | {"span": k, "n_spans": len(plan.spans), "plan": text} for k in range(len(plan.spans))]
 
 
-class ChunkSeparator:
-    """Actor: ONNX Runtime sessions for every (sub-)model; (chunk rows) -> (kept outputs)."""
+# -- stage 2: separate spans ----------------------------------------------------------------------------------------
+def onnx_runners(graphs: list, device: str, threads: int | None, max_batch: int) -> list:
+    from .onnx_model import OnnxRunner
+    return [OnnxRunner(g, device, threads, spin=False, max_batch=max_batch) if g is not None else None
+            for g in graphs]  # None: a sub-model no selected stem needs (never called)
 
-    def __init__(self, graph_refs, *, scheme, device: str, threads: int | None, batch_size: int,
-                 fit_gpu: bool = False):
+
+class SpanSeparator:
+    """Actor: ONNX Runtime sessions for the (sub-)models the stems need; span rows in, span rows out (no audio)."""
+
+    def __init__(self, graph_refs, *, spec: JobSpec, device: str, threads: int | None, batch_size: int,
+                 fit_gpu: bool = False, make_runners=onnx_runners):
         import ray
 
-        from .onnx_model import OnnxRunner, fit_runners
-        graphs = ray.get(list(graph_refs))
-        # Test hooks: run ORT on the CPU inside actors scheduled on logical GPUs (placement tests), and slow chunks
-        # down so a fault can be injected mid-run.
-        device = os.environ.get("RIPPER_DIST_ORT_DEVICE_OVERRIDE") or device
-        self.delay = float(os.environ.get("RIPPER_DIST_CHUNK_DELAY", 0))
-        spin = os.environ.get("RIPPER_DIST_ORT_SPIN", "0") == "1"  # actors share cores with the driver and planners
-        self.runners = {m: OnnxRunner(g, device, threads, spin=spin, max_batch=batch_size)
-                        for m, g in enumerate(graphs) if g is not None}
+        from .onnx_model import fit_runners
+        self.runners = make_runners(ray.get(list(graph_refs)), device, threads, batch_size)
         if fit_gpu:  # `--batch-size auto`: each session measures what its GPU holds (and halves on OOM)
-            fit_runners(self.runners.values(), batch_size)
-        self.scheme, self.batch_size = scheme, batch_size
-        self.readers: collections.OrderedDict[str, AudioReader] = collections.OrderedDict()
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self.actor = f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
+            batch_size = fit_runners(self.runners, batch_size)
+        self.spec, self.batch_size = spec, batch_size
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by Ray for an actor that holds a GPU
+        self.node = socket.gethostname()
+        self.actor = f"{self.node}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
 
-    def _reader(self, path: str) -> AudioReader:
-        s = self.scheme
-        r = self.readers.pop(path, None) or AudioReader(path, s.sample_rate, s.channels)
-        self.readers[path] = r
-        while len(self.readers) > 4:
-            self.readers.popitem(last=False)[1].close()
-        return r
+    def _one(self, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
+        parts = self.spec.parts(track, n_spans)
+        writer = parts.writer(span)
+        try:
+            with self.spec.reader(path) as reader:
+                info = run_span(self.spec.family, self.runners, reader, plan, span, self.batch_size, writer)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        parts.mark(span, info | {"actor": self.actor, "node": self.node})
+        return info
 
     def __call__(self, batch: dict) -> dict:
-        s = self.scheme
         n = len(batch["track_idx"])
-        out = np.zeros((n, s.n_sources, s.channels, s.keep_max), dtype=np.float32)
         errors = [str(e) for e in batch["error"]]
-        pending: dict[int, list] = collections.defaultdict(list)
-        t0 = time.perf_counter()
-        if self.delay:
-            time.sleep(self.delay * n)
+        compute = np.zeros(n)
         for i in range(n):
             if errors[i]:
                 continue
             try:
-                m, task, window = s.model_input(batch, i, self._reader(str(batch["path"][i])), self.runners)
-                pending[m].append((i, task, window))
-            except Exception as e:  # noqa: BLE001
-                errors[i] = f"{type(e).__name__}: {e}"
-        for m, items in pending.items():
-            runner = self.runners[m]
-            for k in range(0, len(items), self.batch_size):
-                part = items[k:k + self.batch_size]
+                plan = TrackPlan.from_row(json.loads(str(batch["plan"][i])))
+                info = self._one(str(batch["path"][i]), str(batch["track"][i]), int(batch["span"][i]),
+                                 int(batch["n_spans"][i]), plan)
+                compute[i] = info["compute_s"]
+            except Exception as e:  # noqa: BLE001 - the track fails, the job goes on
+                errors[i] = _error(e)
+        return {k: batch[k] for k in batch if k != "error"} | {"error": np.array(errors, dtype=object),
+                                                              "compute_s": compute}
+
+
+# -- stage 3: assemble finished tracks ------------------------------------------------------------------------------
+def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: TrackPlan) -> dict:
+    family = spec.family
+    sink = stem_sink(family, plan, spec.out_paths(track), fmt=spec.fmt, subtype=spec.subtype, clip=spec.clip)
+    try:
+        for block in parts.blocks(len(family.stems), family.channels):
+            sink.write(block)
+    except BaseException:
+        sink.abort()
+        raise
+    paths = sink.close()
+    metas = parts.metas()
+    actors = sorted({m["actor"] for m in metas})
+    return spec.rows.done(path, track, plan=plan, paths=paths, started=min(m["started"] for m in metas),
+                          finished=time.time(), node=",".join(sorted({m["node"] for m in metas})),
+                          worker=",".join(actors))
+
+
+def _finish(batch: dict, *, spec: JobSpec) -> dict:
+    n = len(batch["track_idx"])
+    kinds, seconds, durations, rows = [], np.zeros(n), np.zeros(n), []
+    sr = spec.family.sample_rate
+    for i in range(n):
+        path, track = str(batch["path"][i]), str(batch["track"][i])
+        n_spans, error = int(batch["n_spans"][i]), str(batch["error"][i])
+        plan = TrackPlan.from_row(json.loads(str(batch["plan"][i]))) if str(batch["plan"][i]) else None
+        durations[i] = plan.duration_s if plan else 0.0
+        kind, row = "span", ""
+        if plan is None:  # failed while planning: the track's only row
+            kind, row = "failed", json.dumps(spec.rows.failed(path, track, error))
+        else:
+            a, b = plan.spans[int(batch["span"][i])]
+            seconds[i] = (b - a) / sr
+            parts = TrackParts(spec.parts_root, track, n_spans)
+            if error:
+                if parts.claim():
+                    kind, row = "failed", json.dumps(spec.rows.failed(path, track, error))
+                    parts.remove()
+            elif parts.complete() and parts.claim():
                 try:
-                    res = runner(np.stack([w for _, _, w in part]))
+                    kind, row = "done", json.dumps(_assemble(spec, path, track, parts, plan))
                 except Exception as e:  # noqa: BLE001
-                    for i, _, _ in part:
-                        errors[i] = f"{type(e).__name__}: {e}"
-                    continue
-                for (i, task, _), o in zip(part, res):
-                    kept = s.kept(task, o)
-                    out[i, :, :, :kept.shape[-1]] = kept
-        result = {k: batch[k] for k in batch if k != "error"}
-        result["error"] = np.array(errors, dtype=object)
-        result["output"] = out
-        result["actor"] = np.array([self.actor] * n, dtype=object)
-        result["compute_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
-        return result
+                    kind, row = "failed", json.dumps(spec.rows.failed(path, track, _error(e)))
+                parts.remove()
+        kinds.append(kind)
+        rows.append(row)
+    return {"kind": np.array(kinds, dtype=object), "track_idx": np.asarray(batch["track_idx"]),
+            "seconds": seconds, "duration_s": durations, "row": np.array(rows, dtype=object)}
 
 
-def init_ray(args) -> None:
-    """Start the embedded local Ray, or join the cluster at `--address`; a no-op when Ray is already up.
+# -- the driver -----------------------------------------------------------------------------------------------------
+class RayEngine:
+    """The Ray this command uses: an existing cluster (`--address`, RAY_ADDRESS) or an embedded one it starts and
+    stops. Ray Data's global `DataContext` is set for the job and restored after it."""
 
-    Whether this command started Ray (and so must stop it) is remembered on `args`.
-    """
-    import ray
-    if ray.is_initialized():
-        return
-    address = getattr(args, "address", None)
-    import logging
-    verbose = bool(getattr(args, "verbose", False))
-    if not verbose:  # Ray's own INFO/WARNING chatter (token auth, deprecations) would bury the progress bar
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", module=r"ray\.")
-    kwargs = dict(include_dashboard=False, log_to_driver=verbose,
-                  logging_level=logging.INFO if verbose else logging.ERROR)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=getattr(args, "num_cpus", None) or os.cpu_count(), **kwargs)
-    args._ray_started_here = True
+    def __init__(self, opts: SeparateOptions):
+        self.opts = opts
+        self.started_here = False
+        self._saved: dict | None = None
+
+    def __enter__(self) -> "RayEngine":
+        import logging
+
+        import ray
+        if not ray.is_initialized():
+            verbose = self.opts.verbose
+            if not verbose:  # Ray's own INFO/WARNING chatter would bury the progress bar
+                os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+                for name in ("ray", "ray.data"):
+                    logging.getLogger(name).setLevel(logging.ERROR)
+                warnings.filterwarnings("ignore", module=r"ray\.")
+            kwargs = dict(include_dashboard=False, log_to_driver=verbose,
+                          logging_level=logging.INFO if verbose else logging.ERROR)
+            address = self.opts.ray_address()
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=self.opts.num_cpus or os.cpu_count(), **kwargs)
+            self.started_here = True
+        return self
+
+    def data_context(self, block_bytes: int) -> None:
+        import ray.data
+        ctx = ray.data.DataContext.get_current()
+        names = ("target_max_block_size", "enable_progress_bars", "print_on_execution_start")
+        self._saved = {n: getattr(ctx, n) for n in names} | {"preserve_order": ctx.execution_options.preserve_order}
+        ctx.target_max_block_size = block_bytes
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ctx.execution_options.preserve_order = False  # rows are independent: no track waits for another
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        if self._saved is not None:
+            import ray.data
+            ctx = ray.data.DataContext.get_current()
+            for n, v in self._saved.items():
+                if n == "preserve_order":
+                    ctx.execution_options.preserve_order = v
+                else:
+                    setattr(ctx, n, v)
+        if self.started_here:
+            ray.shutdown()
 
 
-def _pool_shape(args, resources: dict) -> dict:
+def pool_shape(opts: SeparateOptions, resources: dict) -> dict:
     """Actors and their resources: one per GPU, or CPU actors whose ORT threads add up to the cores."""
-    kind = args.device.split(":")[0]
-    if kind in ("cuda", "tensorrt"):
+    from .device import is_gpu, parse_device
+    if is_gpu(opts.device):
         gpus = int(resources.get("GPU", 0))
         if gpus < 1:
-            raise RuntimeError(f"--device {args.device}: the Ray cluster has no GPUs")
-        actors = args.actors or gpus
-        return dict(actors=actors, num_gpus=1, num_cpus=0.5, threads=args.threads or 1,
+            raise RuntimeError(f"--device {opts.device}: the Ray cluster has no GPUs")
+        kind = parse_device(opts.device)[0]
+        return dict(actors=opts.actors or gpus, num_gpus=1, num_cpus=0.5, threads=opts.threads or 1,
                     device=f"{kind}:0")  # Ray sets CUDA_VISIBLE_DEVICES per actor
     cpus = int(resources.get("CPU", 1))
-    # Several narrow actors beat one wide one: an ORT op parallelised over all cores stalls whenever the driver's
-    # reducer or a planning task takes one of them (measured on 2 cores: 2 actors x 1 thread 6% over the local
-    # engine, 1 actor x 2 threads 15%). Wider actors on big machines keep the number of sessions (memory) sane.
-    threads = args.threads or max(1, min(4, cpus // 4))
-    actors = args.actors or max(1, cpus // threads)
-    # Logical CPUs a little under the threads, so the planning tasks (0.25 CPU) always find room beside the pool.
+    # Several narrow actors beat one wide one: an op parallelised over all cores stalls whenever a planning or
+    # finishing task takes one of them. Wider actors on big machines keep the number of sessions (memory) sane.
+    threads = opts.threads or max(1, min(4, cpus // 4))
+    actors = opts.actors or max(1, cpus // threads)
+    # Logical CPUs a little under the threads, so planning and finishing tasks (0.25 CPU) always find room.
     return dict(actors=actors, num_gpus=0, num_cpus=0.75 * threads, threads=threads, device="cpu")
 
 
-class StreamingReducer:
-    """The driver's side: chunk outputs (in dataset order) -> per-track outputs -> files and manifest rows.
-
-    Only tracks with chunks in flight have state; a finished track is written, recorded and forgotten. A chunk seen
-    twice (a batch retried after an actor died) is ignored, so nothing is added twice.
-    """
-
-    def __init__(self, job: Job, scheme, tracks: dict, progress: Progress):
-        self.job, self.scheme, self.tracks, self.progress = job, scheme, tracks, progress
-        self.state: dict[int, dict] = {}
-        self.closed: set[int] = set()
-        self.rows: list[dict] = []
-
-    def _record(self, idx: int, row: dict) -> None:
-        self.closed.add(idx)
-        self.state.pop(idx, None)
-        self.job.manifest.record(row)
-        self.rows.append(row)
-
-    def fail(self, idx: int, error: str) -> None:
-        st = self.state.get(idx)
-        if st:
-            st["out"].abort()
-        self._record(idx, failed_row(self.job, self.tracks[idx], error, "ray",
-                                     started_at=st["started"] if st else None))
-
-    def _open(self, idx: int, batch, i) -> dict:
-        track = self.tracks[idx]
-        info = probe(track.path)
-        out = self.scheme.track_output(self.job, track, info, batch, i, int(batch["track_length"][i]))
-        for p in self.job.stem_paths(track).values():
-            p.parent.mkdir(parents=True, exist_ok=True)
-        st = self.state[idx] = {"out": out, "info": info, "seen": set(), "started": time.time(), "actors": set(),
-                                "compute_s": 0.0, "sha256": str(batch["input_sha256"][i])}
-        return st
-
-    def consume(self, batch: dict) -> None:
-        sr = self.scheme.sample_rate
-        for i in range(len(batch["track_idx"])):
-            idx = int(batch["track_idx"][i])
-            if idx in self.closed:
-                continue
-            if batch["error"][i]:
-                self.fail(idx, str(batch["error"][i]))
-                continue
-            try:
-                st = self.state.get(idx) or self._open(idx, batch, i)
-                task = self.scheme.task(batch, i)
-                key = getattr(task, "key", task.index)
-                if key in st["seen"]:
-                    continue  # a retried batch delivered this chunk again
-                st["seen"].add(key)
-                st["actors"].add(str(batch["actor"][i]))
-                st["compute_s"] += float(batch["compute_s"][i])
-                self.progress.update(self.scheme.add(st["out"], task, batch["output"][i]) / sr)
-                if st["out"].pending == 0:
-                    paths, n = st["out"].finish()
-                    self.progress.update(n / sr)
-                    actors = sorted(st["actors"])
-                    self._record(idx, done_row(
-                        self.job, self.tracks[idx], "ray", paths=paths, info=st["info"], started=st["started"],
-                        input_sha256=st["sha256"], elapsed=st["compute_s"],
-                        node=",".join(sorted({a.split(":")[0] for a in actors})), worker=",".join(actors)))
-            except Exception as e:  # noqa: BLE001 - the track fails, the job goes on
-                self.fail(idx, f"{type(e).__name__}: {e}")
-
-    def close(self) -> None:
-        """Tracks that never completed get a failed row (they will be redone by a rerun)."""
-        for idx in list(self.state):
-            self.fail(idx, "incomplete: not every chunk of the track came back")
-        for idx in self.tracks:
-            if idx not in self.closed:
-                self.fail(idx, "incomplete: the track produced no chunks")
+def block_bytes(n_tracks: int, actors: int) -> int:
+    """Ray Data block size for the (small) rows: a block is one actor task. Enough tracks to keep every actor busy:
+    a few rows per block (less scheduling on the driver); fewer: one row per block, so spans spread over actors."""
+    return 4 * 1024 if n_tracks >= 2 * actors else 1
 
 
-def _block_bytes(n_tracks: int, actors: int) -> int:
-    """Target size of the chunk-row blocks (a block is one actor task), measured on two cores (docs/BENCHMARKS.md).
+class _Totals:
+    """Progress total while durations are learned on the workers: known seconds plus the mean for the rest."""
 
-    Enough tracks to keep every actor busy: 8 KiB (a few dozen rows: a short track stays in one task, on one actor;
-    10 tracks x 20 s: -1.7% against the local engine, where 1 KiB blocks cost +15-18%). Fewer tracks than that:
-    1 KiB (a handful of rows), so one track's chunks spread over the actors (one 60 s track on two actors: 34.6 s
-    with 8 KiB, 24.1 s with 1 KiB). A long track spreads either way (30 minutes: driver RSS 0.33 GB at 1 KiB and
-    0.38 GB at 8 KiB; smaller blocks, 256 B, made it grow to 3.5 GB).
-    """
-    return 8 * 1024 if n_tracks >= 2 * actors else 1024
+    def __init__(self, n_tracks: int):
+        self.n, self.known = n_tracks, {}
+
+    def add(self, idx: int, seconds: float) -> float | None:
+        if idx in self.known or not seconds:
+            return None
+        self.known[idx] = seconds
+        mean = sum(self.known.values()) / len(self.known)
+        return sum(self.known.values()) + mean * (self.n - len(self.known))
 
 
-def run_ray(job: Job, args) -> list[dict]:
-    import ray
-    import ray.data
+def run_ray(job: Job, *, make_runners=onnx_runners) -> list[dict]:
+    """Run the job's tracks on Ray; returns their rows (also recorded in the manifest as they arrive).
 
-    bundle = job.bundle
-    tracks = {i: t for i, t in enumerate(job.todo)}
+    make_runners(graphs, device, threads, max_batch): builds an actor's runners (default: ONNX Runtime sessions)."""
+    tracks = dict(enumerate(job.todo))
     if not tracks:
         return []
-    init_ray(args)
+    opts = job.opts
+    rows_out: list[dict] = []
+    closed: set[int] = set()
     progress = None
-    reducer = None
-    try:
-        shape = _pool_shape(args, ray.cluster_resources())
-        scheme = MsstScheme(job, args) if bundle.is_roformer else DemucsScheme(job, args)
-        graph_refs = [ray.put(g) if m in scheme.models else None for m, g in enumerate(bundle.graphs)]
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # the reducer then holds only the tracks in flight
-        # Chunk rows are ~200 bytes: with the default 128 MiB blocks, all chunks of a long track would form one block,
-        # i.e. one actor task (no spreading over actors) whose outputs pile up; every chunk output (megabytes) becomes
-        # a block of its own either way. See _block_bytes for the size.
-        ctx.target_max_block_size = _block_bytes(len(tracks), shape["actors"])
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        items = [{"track_idx": i, "path": str(t.path)} for i, t in tracks.items()]
+    with RayEngine(opts) as engine:
+        import ray
+        import ray.data
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .onnx_model import batch_plan
+        shape = pool_shape(opts, ray.cluster_resources())
+        engine.data_context(block_bytes(len(tracks), shape["actors"]))
+        family = job.family
+        here: dict = {}
+        io = None
+        if not opts.shared_fs:
+            from .node_io import NodeIO
+            pin = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            here = {"scheduling_strategy": pin}
+            io = ray.remote(NodeIO).options(num_cpus=0, max_concurrency=16, scheduling_strategy=pin).remote(
+                family.sample_rate, family.channels)
+        spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
+                       fmt=opts.format, subtype=opts.subtype, clip=opts.clip_mode, n_tracks=len(tracks),
+                       actors=shape["actors"], io=io)
+        graph_refs = [ray.put(g) if m in family.models else None for m, g in enumerate(job.bundle.graphs)]
+        rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape["device"])
+        items = [{"track_idx": i, "path": str(t.path), "track": t.track} for i, t in tracks.items()]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(_plan_track, fn_kwargs=dict(scheme=scheme),
-                         num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=max(2, shape["actors"])))
-        rows, fit_gpu = batch_plan(args.batch_size, shape["device"])
+        ds = ds.flat_map(_plan, fn_kwargs=dict(spec=spec), num_cpus=0.25, **here)
         ds = ds.map_batches(
-            ChunkSeparator, batch_size=rows, batch_format="numpy",
-            fn_constructor_kwargs=dict(graph_refs=graph_refs, scheme=scheme, device=shape["device"],
-                                       threads=shape["threads"], batch_size=rows, fit_gpu=fit_gpu),
+            SpanSeparator, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs=dict(graph_refs=graph_refs, spec=spec, device=shape["device"],
+                                       threads=shape["threads"], batch_size=rows_per_call, fit_gpu=fit_gpu,
+                                       make_runners=make_runners),
             compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
             num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
-        progress = Progress(sum(_duration(t.path) for t in tracks.values()), enabled=not args.no_progress)
-        reducer = StreamingReducer(job, scheme, tracks, progress)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            reducer.consume(batch)
-        reducer.close()
-    finally:
-        if progress is not None:
+        ds = ds.map_batches(_finish, fn_kwargs=dict(spec=spec), batch_size=1, batch_format="numpy", num_cpus=0.25,
+                            **here)
+        progress = Progress(None, enabled=opts.progress)
+        totals = _Totals(len(tracks))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                for i in range(len(batch["kind"])):
+                    idx = int(batch["track_idx"][i])
+                    total = totals.add(idx, float(batch["duration_s"][i]))
+                    if total is not None:
+                        progress.set_total(total)
+                    if idx in closed:
+                        continue
+                    progress.update(float(batch["seconds"][i]))
+                    if batch["kind"][i] != "span":
+                        row = json.loads(str(batch["row"][i]))
+                        closed.add(idx)
+                        job.manifest.record(row)
+                        rows_out.append(row)
+        finally:
             progress.close()
-        job.manifest.compact()
-        if getattr(args, "_ray_started_here", False):
-            ray.shutdown()
-            args._ray_started_here = False
-    return reducer.rows if reducer else []
-
-
-def _duration(path: Path) -> float:
-    try:
-        return probe(path).duration_s
-    except (AudioError, OSError):
-        return 0.0
+            for idx, t in tracks.items():  # tracks that never came back (the job was cut short)
+                if idx not in closed:
+                    row = spec.rows.failed(str(t.path), t.track, "incomplete: the job ended before this track did")
+                    job.manifest.record(row)
+                    rows_out.append(row)
+            job.manifest.compact()
+            shutil.rmtree(spec.parts_root, ignore_errors=True)
+    return rows_out

@@ -6,7 +6,6 @@ it only finds and verifies files (loading is `ripper_export.safe_load`, which ne
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .hashing import sha256_file  # noqa: F401 - re-exported for callers of sources
 
 OFFICIAL_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
 _ONE_HOT = [[1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]
@@ -48,14 +49,6 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ripper-dist"
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_prefix(path: Path, prefix: str) -> str:

@@ -1,0 +1,111 @@
+"""Span parts: where the separated spans of a long track wait until the last one is done, then become stems.
+
+A span's output (model-rate float32, the selected stems) is written as one raw file per span, frame-interleaved
+(frames x stems x channels), published by rename; a small JSON beside it says who made it. The worker that finishes
+the last span claims the track (an exclusive create, so exactly one does, however the spans race) and assembles the
+stem files from the parts in order, then removes them. Nothing here knows about Ray: the same folder works on a
+shared filesystem (every worker writes its parts) and on the driver's node (parts arrive through `node_io`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+PARTS_DIR = ".ripper-dist/parts"
+
+
+def parts_root(out_dir: Path, options_key: str) -> Path:
+    return Path(out_dir) / PARTS_DIR / options_key
+
+
+class PartWriter:
+    """Stream (stems, C, n) blocks into a part file; `close()` publishes it, `abort()` removes it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._f = open(self._tmp, "wb")
+        self.samples = 0
+
+    def write(self, block: np.ndarray) -> None:
+        frames = np.ascontiguousarray(np.moveaxis(np.asarray(block, dtype="<f4"), -1, 0))  # (n, stems, C)
+        self._f.write(frames.tobytes())
+        self.samples += block.shape[-1]
+
+    def close(self) -> Path:
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def read_part(path: Path, stems: int, channels: int, block: int = 1 << 17) -> Iterator[np.ndarray]:
+    """(stems, C, n) blocks of a part file, in order."""
+    frame = stems * channels * 4
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(block * frame)
+            if not buf:
+                return
+            if len(buf) % frame:
+                raise ValueError(f"{path}: truncated part ({len(buf)} bytes is not a whole number of frames)")
+            yield np.moveaxis(np.frombuffer(buf, dtype="<f4").reshape(-1, stems, channels), 0, -1)
+
+
+class TrackParts:
+    """The parts folder of one track: `OUT/.ripper-dist/parts/<options key>/<track>/`."""
+
+    def __init__(self, root: Path, track: str, n_spans: int):
+        self.dir = Path(root) / track
+        self.n_spans = int(n_spans)
+
+    def part(self, span: int) -> Path:
+        return self.dir / f"span-{span:05d}-of-{self.n_spans:05d}.f32"
+
+    def writer(self, span: int) -> PartWriter:
+        return PartWriter(self.part(span))
+
+    def mark(self, span: int, meta: dict) -> None:
+        """Record that `span` is complete (after its part was published)."""
+        meta_path = self.part(span).with_suffix(".json")
+        tmp = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
+
+    def metas(self) -> list[dict]:
+        out = []
+        for k in range(self.n_spans):
+            try:
+                out.append(json.loads(self.part(k).with_suffix(".json").read_text()))
+            except (OSError, ValueError):
+                return []
+        return out
+
+    def complete(self) -> bool:
+        return all(self.part(k).with_suffix(".json").exists() for k in range(self.n_spans))
+
+    def claim(self) -> bool:
+        """True for exactly one caller per track: the one that assembles it (or records its failure)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.dir / ".final", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def blocks(self, stems: int, channels: int) -> Iterator[np.ndarray]:
+        for k in range(self.n_spans):
+            yield from read_part(self.part(k), stems, channels)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
