@@ -445,8 +445,7 @@ class OverlapAdd:
         self._heap = [(max(t.keep_start, self.start), t.key) for t in self.tasks]
         heapq.heapify(self._heap)
         self._base = self.start  # track sample at buffer index 0 (= everything before has been popped)
-        self._used = 0      # buffer samples touched so far
-        self._buf = np.zeros((self.n_sources, self.channels, 0), dtype=self.dtype)
+        self._held: dict[tuple[int, int, int], tuple[int, int, np.ndarray]] = {}  # key -> (lo, hi, contribution)
         self.added_samples = 0  # sum of kept samples (inside the span) of added tasks (progress in "work")
         self.total_samples = sum(self._clip(t)[1] - self._clip(t)[0] for t in self.tasks)
 
@@ -463,8 +462,8 @@ class OverlapAdd:
 
     @property
     def buffer_samples(self) -> int:
-        """Samples currently held in the accumulation buffer (capacity)."""
-        return self._buf.shape[2]
+        """Track samples from `position` to the end of the furthest contribution held (what memory holds)."""
+        return max((hi for _, hi, _ in self._held.values()), default=self._base) - self._base
 
     @property
     def ready(self) -> int:
@@ -492,30 +491,19 @@ class OverlapAdd:
         return kept.astype(self.dtype, copy=False) * coef
 
     def add(self, task: ChunkTask, output: np.ndarray, *, kept: bool = False) -> None:
-        """Add the model output (S, C, chunk_samples) of one task of the plan (`kept`: see `contribution`)."""
+        """Add the model output (S, C, chunk_samples) of one task of the plan (`kept`: see `contribution`).
+
+        Contributions are held until their samples are popped and summed then in the plan's order, so the result
+        does not depend on the order tasks arrive in (bitwise: one span or many, any batching)."""
         if task.key not in self._pending or self._pending[task.key] != task:
             raise ValueError(f"task {task.key} is not pending (unknown, different, or already added)")
         contrib = self.contribution(task, output, kept=kept)
         lo, hi = self._clip(task)
-        contrib = contrib[:, :, lo - task.keep_start:hi - task.keep_start]
-        a = lo - self._base
-        b = hi - self._base
-        if a < 0:  # cannot happen: a pending task keeps `ready` at or before its start
+        if lo < self._base:  # cannot happen: a pending task keeps `ready` at or before its start
             raise AssertionError("task starts before the popped prefix")
-        self._ensure(b)
-        self._buf[:, :, a:b] += contrib
-        self._used = max(self._used, b)
+        self._held[task.key] = (lo, hi, contrib[:, :, lo - task.keep_start:hi - task.keep_start])
         del self._pending[task.key]
         self.added_samples += hi - lo
-
-    def _ensure(self, n: int) -> None:
-        cap = self._buf.shape[2]
-        if n <= cap:
-            return
-        new_cap = min(max(n, 2 * cap, 1024), self.stop - self._base)
-        buf = np.zeros((self.n_sources, self.channels, new_cap), dtype=self.dtype)
-        buf[:, :, :self._used] = self._buf[:, :, :self._used]
-        self._buf = buf
 
     # -- output -------------------------------------------------------------------------------------------------------
     def pop_ready(self) -> np.ndarray:
@@ -531,17 +519,16 @@ class OverlapAdd:
     def _pop(self, n: int) -> np.ndarray:
         if n <= 0:
             return np.zeros((self.n_sources, self.channels, 0), dtype=np.float32)
+        a, b = self._base, self._base + n
         out = np.zeros((self.n_sources, self.channels, n), dtype=self.dtype)
-        m = min(n, self._used)
-        out[:, :, :m] = self._buf[:, :, :m]
-        rest = self._used - m
-        if rest > 0:
-            self._buf[:, :, :rest] = self._buf[:, :, m:self._used].copy()
-        self._buf[:, :, rest:self._used] = 0
-        self._used = rest
-        self._base += n
-        if self._buf.shape[2] > 4 * max(self._used, 1024):  # give memory back after a burst
-            self._buf = self._buf[:, :, :max(2 * self._used, 1024)].copy()
+        for key in sorted(self._held):
+            lo, hi, contrib = self._held[key]
+            x, y = max(lo, a), min(hi, b)
+            if x < y:
+                out[:, :, x - a:y - a] += contrib[:, :, x - lo:y - lo]
+            if hi <= b:
+                del self._held[key]
+        self._base = b
         out = out.astype(np.float32, copy=False)
         if self.stats is not None:
             out = denormalize(out, self.stats)

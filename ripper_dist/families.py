@@ -118,12 +118,12 @@ class DemucsFamily(Family):
 
     kind = "demucs"
 
-    def __init__(self, bundle, opts: SeparateOptions):
-        from .engine import DemucsBag  # the plan lives with the bag; no sessions are made here
-        self.name = bundle.name
-        self.planner = DemucsBag([_Shape(i.chunk_samples) for i in bundle.infos], bundle.full_weights,
-                                 [i.segment_samples for i in bundle.infos], list(bundle.info.sources),
-                                 bundle.info.sample_rate, bundle.info.channels, name=bundle.name)
+    def __init__(self, bag, opts: SeparateOptions):
+        """bag: an `engine.DemucsBag` (its runners are not used here: only its plan, weights and shapes)."""
+        from .engine import DemucsBag
+        self.name = bag.name
+        self.planner = DemucsBag([_Shape(c) for c in bag.chunk_samples], bag.weights, bag.segment_samples,
+                                 bag.sources, bag.sample_rate, bag.channels, bag.input_samples, name=bag.name)
         self.sample_rate, self.channels = self.planner.sample_rate, self.planner.channels
         self.outputs = list(self.planner.sources)
         self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)
@@ -268,5 +268,11 @@ class _Shape:
 
 
 def family_for(bundle, opts: SeparateOptions) -> Family:
-    """The family of an exported model, with the options checked against it."""
-    return MsstFamily(bundle, opts) if bundle.is_roformer else DemucsFamily(bundle, opts)
+    """The family of an exported model (`models.ModelBundle`), with the options checked against it."""
+    if bundle.is_roformer:
+        return MsstFamily(bundle, opts)
+    from .engine import DemucsBag
+    bag = DemucsBag([_Shape(i.chunk_samples) for i in bundle.infos], bundle.full_weights,
+                    [i.segment_samples for i in bundle.infos], list(bundle.info.sources), bundle.info.sample_rate,
+                    bundle.info.channels, name=bundle.name)
+    return DemucsFamily(bag, opts)

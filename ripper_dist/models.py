@@ -104,13 +104,6 @@ class ModelBundle:
                          [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,
                          self.info.channels, name=self.name)
 
-    def planner(self):
-        """A `DemucsBag` without sessions: enough to plan chunks and weight outputs (the Ray driver's reducer)."""
-        from .engine import DemucsBag
-        return DemucsBag([_Unused(i.chunk_samples) for i in self.infos], self.full_weights,
-                         [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,
-                         self.info.channels, name=self.name)
-
     def identity(self) -> dict:
         """What makes outputs differ: the checkpoints (by hash) and the bag weights."""
         return {"name": self.name, "family": self.family, "weights": self.weights,

@@ -152,6 +152,14 @@ def read_chunk(mix: np.ndarray, plan: MsstPlan, chunk: MsstChunk, offset: int = 
     return np.ascontiguousarray(part, dtype=np.float32)
 
 
+def span_chunks(plan: MsstPlan, span: tuple[int, int] | None = None) -> list[MsstChunk]:
+    """The chunks whose output reaches track samples [span) (default: the whole track; chunks lying wholly in the
+    reflect padding are cropped away by MSST, so they are never run)."""
+    start, stop = (0, plan.length) if span is None else span
+    lo, hi = start + plan.pad, stop + plan.pad
+    return [c for c in plan.chunks if c.start < hi and c.start + c.length > lo]
+
+
 class MsstOverlapAdd:
     """Streaming MSST overlap-add: chunk outputs in -> finished track samples out, in order, bounded memory.
 
@@ -170,7 +178,7 @@ class MsstOverlapAdd:
             raise ValueError(f"span [{start}, {stop}) is not inside the track [0, {plan.length})")
         self.start, self.stop = start, stop
         lo, hi = start + plan.pad, stop + plan.pad  # padded coordinates
-        self.chunks = [c for c in plan.chunks if c.start < hi and c.start + c.length > lo]
+        self.chunks = span_chunks(plan, (start, stop))
         self._pending = {c.index: c for c in self.chunks}
         self._lo, self._hi = lo, hi
         self._base = lo  # padded sample at buffer index 0
@@ -252,7 +260,7 @@ def demix(mix: np.ndarray, runner: Callable[[np.ndarray], np.ndarray], chunk_siz
     plan = plan_chunks(mix.shape[-1], chunk_size, num_overlap)
     acc: MsstOverlapAdd | None = None
     blocks = []
-    for batch in _batches(plan.chunks, max(1, int(batch_size))):
+    for batch in _batches(span_chunks(plan), max(1, int(batch_size))):
         x = np.stack([read_chunk(mix, plan, c) for c in batch])
         y = np.asarray(runner(x))
         if y.ndim != 4 or y.shape[0] != len(batch):

@@ -32,6 +32,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -69,7 +70,6 @@ class JobSpec:
         return max(1, n)
 
     def out_paths(self, track: str) -> dict:
-        from pathlib import Path
         return {s: Path(self.rows.out_dir) / track / f"{s}.{self.fmt}" for s in self.family.stems}
 
     def parts(self, track: str, n_spans: int):
@@ -223,9 +223,6 @@ class RayEngine:
         if not ray.is_initialized():
             verbose = self.opts.verbose
             if not verbose:  # Ray's own INFO/WARNING chatter would bury the progress bar
-                os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-                for name in ("ray", "ray.data"):
-                    logging.getLogger(name).setLevel(logging.ERROR)
                 warnings.filterwarnings("ignore", module=r"ray\.")
             kwargs = dict(include_dashboard=False, log_to_driver=verbose,
                           logging_level=logging.INFO if verbose else logging.ERROR)
@@ -238,7 +235,12 @@ class RayEngine:
         return self
 
     def data_context(self, block_bytes: int) -> None:
+        import logging
+
         import ray.data
+        if not self.opts.verbose:  # after importing ray.data, which sets up its own loggers
+            for name in ("ray", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         ctx = ray.data.DataContext.get_current()
         names = ("target_max_block_size", "enable_progress_bars", "print_on_execution_start")
         self._saved = {n: getattr(ctx, n) for n in names} | {"preserve_order": ctx.execution_options.preserve_order}
@@ -318,6 +320,7 @@ def run_ray(job: Job, *, make_runners=onnx_runners) -> list[dict]:
 
         from .onnx_model import batch_plan
         shape = pool_shape(opts, ray.cluster_resources())
+        few = len(tracks) < 2 * shape["actors"]
         engine.data_context(block_bytes(len(tracks), shape["actors"]))
         family = job.family
         here: dict = {}
@@ -325,7 +328,7 @@ def run_ray(job: Job, *, make_runners=onnx_runners) -> list[dict]:
         if not opts.shared_fs:
             from .node_io import NodeIO
             pin = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            here = {"scheduling_strategy": pin}
+            here = {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
             io = ray.remote(NodeIO).options(num_cpus=0, max_concurrency=16, scheduling_strategy=pin).remote(
                 family.sample_rate, family.channels)
         spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
@@ -341,7 +344,9 @@ def run_ray(job: Job, *, make_runners=onnx_runners) -> list[dict]:
             fn_constructor_kwargs=dict(graph_refs=graph_refs, spec=spec, device=shape["device"],
                                        threads=shape["threads"], batch_size=rows_per_call, fit_gpu=fit_gpu,
                                        make_runners=make_runners),
-            compute=ray.data.ActorPoolStrategy(size=shape["actors"]),
+            # few tracks: one span per actor at a time, so a second actor is not left idle behind a busy first
+            compute=ray.data.ActorPoolStrategy(size=shape["actors"],
+                                               max_tasks_in_flight_per_actor=1 if few else 2),
             num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
         ds = ds.map_batches(_finish, fn_kwargs=dict(spec=spec), batch_size=1, batch_format="numpy", num_cpus=0.25,
                             **here)
@@ -371,4 +376,9 @@ def run_ray(job: Job, *, make_runners=onnx_runners) -> list[dict]:
                     rows_out.append(row)
             job.manifest.compact()
             shutil.rmtree(spec.parts_root, ignore_errors=True)
+            for empty in (Path(spec.parts_root).parent, Path(spec.parts_root).parent.parent):
+                try:
+                    empty.rmdir()  # only if nothing else (another options key) is in there
+                except OSError:
+                    pass
     return rows_out

@@ -98,7 +98,7 @@ class Progress:
 
     def __init__(self, total_s: float | None, enabled: bool = True, desc: str = "separating"):
         from tqdm import tqdm
-        self.bar = tqdm(total=total_s, unit="s", desc=desc, disable=not enabled, dynamic_ncols=True,
+        self.bar = tqdm(total=total_s or 0.0, unit="s", desc=desc, disable=not enabled, dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]",
                         file=sys.stderr)
         self.t0 = time.monotonic()

@@ -13,8 +13,14 @@ import numpy as np
 from .audio import StemWriter
 
 
+BLOCK = 1 << 16  # model-rate samples per write: the resampler sees the same blocks however the samples arrived
+
+
 class StemSink:
-    """`write((stems, C, n))` in track order, then `close()` -> {stem: path}; `abort()` leaves no file behind."""
+    """`write((stems, C, n))` in track order, then `close()` -> {stem: path}; `abort()` leaves no file behind.
+
+    Samples are passed on in fixed blocks of `BLOCK` (the rest at close): the streaming resampler's output depends
+    on its input blocks in the last bits, and this way one span or many give the same bytes."""
 
     def __init__(self, out_paths: dict[str, Path], *, model_rate: int, out_rate: int, frames: int,
                  input_channels: int, model_channels: int, fmt: str, subtype: str, clip: str):
@@ -22,17 +28,33 @@ class StemSink:
         out_channels = 1 if input_channels == 1 else model_channels
         self.writers = [StemWriter(p, in_rate=model_rate, out_rate=out_rate, out_channels=out_channels,
                                    frames=frames, fmt=fmt, subtype=subtype, clip=clip) for p in self.paths.values()]
-        self.samples = 0  # model-rate samples written so far
+        self.samples = 0  # model-rate samples received so far
+        self._pending: list[np.ndarray] = []
+        self._buffered = 0
 
     def write(self, block: np.ndarray) -> None:
         if block.shape[0] != len(self.writers):
             raise ValueError(f"{block.shape[0]} stems in the block, {len(self.writers)} writers")
+        self.samples += block.shape[-1]
+        self._pending.append(block)
+        self._buffered += block.shape[-1]
+        if self._buffered >= BLOCK:
+            data = np.concatenate(self._pending, axis=-1)
+            n = data.shape[-1] - data.shape[-1] % BLOCK
+            for k in range(0, n, BLOCK):
+                self._write(data[..., k:k + BLOCK])
+            self._pending = [data[..., n:]]
+            self._buffered = data.shape[-1] - n
+
+    def _write(self, block: np.ndarray) -> None:
         for w, stem in zip(self.writers, block):
             w.write(stem)
-        self.samples += block.shape[-1]
 
     def close(self) -> dict[str, Path]:
         try:
+            if self._buffered:
+                self._write(np.concatenate(self._pending, axis=-1))
+            self._pending, self._buffered = [], 0
             for w in self.writers:
                 w.close()
         except BaseException:

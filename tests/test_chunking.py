@@ -349,6 +349,32 @@ def test_any_order_with_prefix_popping_equals_one_shot():
     np.testing.assert_allclose(one_shot, denormalize(ref, stats), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shifts,cuts", [(0, [1500]), (2, [700, 2600, 2601]), (1, [1, 5320])])
+def test_spans_concatenate_to_the_whole_track_bitwise(shifts, cuts):
+    """Spans of a track, each reduced alone from the calls touching it, are the whole track's samples, bitwise."""
+    length, chunk = 5321, 900
+    tasks = plan_chunks(length, segment_samples=[800, 900], chunk_samples=chunk, shifts=shifts, seed=3,
+                        max_shift=250, n_models=2)
+    outs = _fake_outputs(tasks, chunk)
+    kw = dict(length=length, n_sources=3, channels=2, weights=[[1, 0.5, 0], [0.5, 1, 1]],
+              stats=MixStats(total=3.0, total_sq=50.0, count=5000))
+
+    def run(span=None):
+        acc = OverlapAdd(tasks, span=span, **kw)
+        blocks = []
+        for t in acc.tasks:
+            acc.add(t, outs[t.key])
+            blocks.append(acc.pop_ready())
+        blocks.append(acc.finish())
+        return np.concatenate(blocks, axis=-1), len(acc.tasks)
+
+    whole, n_all = run()
+    bounds = [0, *cuts, length]
+    spans = [run((a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert spans[0][1] < n_all  # a span runs only the calls that touch it
+    assert np.array_equal(np.concatenate([s for s, _ in spans], axis=-1), whole)
+
+
 def test_prefix_popping_keeps_memory_bounded():
     length, seg = 200_000, 1000
     tasks = plan_chunks(length, segment_samples=seg, chunk_samples=seg, shifts=1, max_shift=500)

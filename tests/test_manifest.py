@@ -1,7 +1,7 @@
 import duckdb
 import pandas as pd
 
-from ripper_dist.manifest import Manifest, options_key
+from ripper_dist.manifest import Manifest
 
 
 def _row(path, status="done", stems=None, **kw):
@@ -36,8 +36,3 @@ def test_rows_survive_without_compaction_and_compact(tmp_path):
     con = duckdb.connect()
     got = con.execute(f"select status, stem_paths['vocals'] from '{tmp_path / 'metadata.parquet'}' order by input_path").fetchall()
     assert got[0][0] == "done" and "t/vocals.wav" in str(got[0][1])
-
-
-def test_options_key_stable():
-    assert options_key({"a": 1, "b": [1, 2]}) == options_key({"b": [1, 2], "a": 1})
-    assert options_key({"a": 1}) != options_key({"a": 2})

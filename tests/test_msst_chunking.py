@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ripper_dist.msst_chunking import (
-    MsstAccumulator, MsstPlan, add_complement, complement_name, demix, model_sources, output_stems, plan_chunks,
+    MsstOverlapAdd, MsstPlan, add_complement, complement_name, demix, model_sources, output_stems, plan_chunks,
     read_chunk, source_span,
 )
 
@@ -113,38 +113,66 @@ def test_plan_examples():
     assert short.pad == 0 and [c.length for c in short.chunks] == [900, 400]
 
 
-@pytest.mark.parametrize("length,chunk,overlap", [(5000, 1000, 2), (4321, 999, 3), (900, 1000, 2)])
-def test_accumulator_any_order_and_partial_reads(length, chunk, overlap):
-    rng = np.random.default_rng(1)
-    mix = rng.uniform(-1, 1, (2, length)).astype(np.float32)
-    plan = plan_chunks(length, chunk, overlap)
-    expected = demix(mix, runner, chunk, overlap)
-    acc = MsstAccumulator(plan, 2, 2)
-    order = rng.permutation(len(plan.chunks))
+def _streamed(acc, plan, mix, order):
+    """Add chunks in `order`, popping finished samples after each; returns the concatenated output."""
+    blocks = []
     for i in order:
         c = plan.chunks[i]
         lo, hi = source_span(plan, c)
         x = read_chunk(mix[:, lo:hi], plan, c, offset=lo)      # a worker reads only its span
         assert np.array_equal(x, read_chunk(mix, plan, c))
-        assert not acc.complete
         acc.add(c.index, runner(x[None])[0])
-    assert acc.complete
-    np.testing.assert_allclose(acc.result(), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="twice"):
+        blocks.append(acc.pop_ready())
+    blocks.append(acc.finish())
+    return np.concatenate(blocks, axis=-1)
+
+
+@pytest.mark.parametrize("length,chunk,overlap", [(5000, 1000, 2), (4321, 999, 3), (900, 1000, 2)])
+def test_overlap_add_any_order_streams_the_whole_result(length, chunk, overlap):
+    rng = np.random.default_rng(1)
+    mix = rng.uniform(-1, 1, (2, length)).astype(np.float32)
+    plan = plan_chunks(length, chunk, overlap)
+    expected = demix(mix, runner, chunk, overlap)
+    assert np.array_equal(expected, msst_loop(mix, runner, chunk, overlap))
+    acc = MsstOverlapAdd(plan, 2, 2)
+    out = _streamed(acc, plan, mix, rng.permutation([c.index for c in acc.chunks]))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)  # any order: sums in another order
+    ordered = MsstOverlapAdd(plan, 2, 2)
+    assert np.array_equal(_streamed(ordered, plan, mix, [c.index for c in ordered.chunks]), expected)
+    with pytest.raises(ValueError, match="not pending"):
         acc.add(plan.chunks[0], runner(read_chunk(mix, plan, plan.chunks[0])[None])[0])
 
 
-def test_accumulator_refuses_incomplete_and_bad_reads():
+@pytest.mark.parametrize("length,chunk,overlap,cuts", [(5000, 1000, 2, [1234, 3000]), (4321, 999, 3, [17]),
+                                                       (9000, 1000, 4, [4500, 4501, 8999])])
+def test_spans_concatenate_to_the_whole_track(length, chunk, overlap, cuts):
+    """A long track split into spans, each done alone with only the chunks touching it: bitwise the whole result."""
+    rng = np.random.default_rng(2)
+    mix = rng.uniform(-1, 1, (2, length)).astype(np.float32)
+    plan = plan_chunks(length, chunk, overlap)
+    bounds = [0, *cuts, length]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        acc = MsstOverlapAdd(plan, 2, 2, span=(a, b))
+        assert len(acc.chunks) < len(plan.chunks) or len(bounds) == 2
+        parts.append(_streamed(acc, plan, mix, [c.index for c in acc.chunks]))
+        assert parts[-1].shape[-1] == b - a
+    assert np.array_equal(np.concatenate(parts, axis=-1), demix(mix, runner, chunk, overlap))
+
+
+def test_overlap_add_refuses_incomplete_and_bad_reads():
     mix = np.zeros((2, 5000), np.float32)
     plan = plan_chunks(5000, 1000, 2)
-    acc = MsstAccumulator(plan, 1, 2)
+    acc = MsstOverlapAdd(plan, 1, 2)
     acc.add(plan.chunks[0], np.zeros((1, 2, 1000), np.float32))
     with pytest.raises(ValueError, match="not added"):
-        acc.result()
+        acc.finish()
     with pytest.raises(ValueError, match="needs track samples"):
         read_chunk(mix[:, :100], plan, plan.chunks[3], offset=0)
     with pytest.raises(ValueError, match="shape"):
         acc.add(plan.chunks[1], np.zeros((2, 2, 1000), np.float32))
+    with pytest.raises(ValueError, match="not inside"):
+        MsstOverlapAdd(plan, 1, 2, span=(4000, 6000))
 
 
 def test_identity_model_reconstructs_mix():
