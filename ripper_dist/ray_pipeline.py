@@ -123,7 +123,8 @@ class SpanSeparator:
         self.spec, self.batch_size = spec, batch_size
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by Ray for an actor that holds a GPU
         self.node = socket.gethostname()
-        self.actor = f"{self.node}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
+        node_id = ray.get_runtime_context().get_node_id()[:8]  # hostnames can repeat (containers, one machine)
+        self.actor = f"{self.node}:{os.getpid()}:{node_id}" + (f":gpu{gpu}" if gpu else "")
 
     def _one(self, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
         parts = self.spec.parts(track, n_spans)
