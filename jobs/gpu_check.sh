@@ -51,12 +51,21 @@
 #            other GPU generations zeroed (only sm_$GPU_CHECK_SM, default 90 = H100/H200, kept: 284 MB -> 52 MB xz),
 #            Ray without Java, RLlib and source maps, and the small wheels (demucs, bs-roformer, soundfile, soxr...).
 #            Carry DIR/a in one call (with --start-prepare), DIR/b in the next.
+# Lent device machines (this workplace's `run` tool; seen 2026-12-04 on an H200): files under /tmp stay between calls
+# while the machine is warm (30 s), but an ignored folder of the repo that a call does not carry again is gone in that
+# call. So $WORK is under /tmp, --start-prepare runs its worker from a copy in $WORK/src, and each call carries the
+# snapshot it runs (e.g. `git archive HEAD` unpacked into an ignored folder) and only its own part of the wheels:
+#   call 1: carry [.gpuwheels (a/), .gpucheck]  GPU_CHECK_WORK=/tmp/gc GPU_CHECK_WHEELS=$PWD/.gpuwheels
+#           bash .gpucheck/src/jobs/gpu_check.sh --start-prepare
+#   call 2: carry [.gpuwheels-b, .gpurun]       GPU_CHECK_WORK=/tmp/gc GPU_CHECK_WHEELS=$PWD/.gpuwheels-b
+#           bash .gpurun/src/jobs/gpu_check.sh --budget 560                (ran in 353 s; results in $OUT)
 # Environment: PYTHON (default python3), GPU_CHECK_WORK, GPU_CHECK_WHEELS, GPU_CHECK_RESULTS, OUT.
 # TensorRT: where the TensorRT libraries are absent the TensorRT test fails and this says so
 # ("TensorRT provider not available"); nothing else depends on it.
 set -u -o pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+ROOT=$(cd "$(dirname "$SELF")/.." && pwd)
 cd "$ROOT" || exit 1
 PY=${PYTHON:-python3}
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/ripper-dist-gpu-check}
@@ -88,7 +97,7 @@ while (($#)); do
     --start-prepare) MODE=start-prepare ;;
     --_prepare-worker) MODE=worker ;;
     --pack) MODE=pack; PACK_DIR=$2; shift ;;
-    -h|--help) sed -n '2,/^set -u/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n "2,/^set -u/p" "$SELF" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -324,7 +333,14 @@ start_prepare() {
   fi
   rm -f "$WORK"/prepare.*.failed
   [[ -n $PREP_ITEMS ]] || return 0
-  setsid nohup bash "${BASH_SOURCE[0]}" --_prepare-worker < /dev/null >> "$WORK/prepare.log" 2>&1 &
+  local self=$SELF
+  if [[ $MODE == start-prepare ]]; then  # the next call may remove this checkout (see "Lent device machines"): copy
+    rm -rf "$WORK/src.tmp" && mkdir -p "$WORK/src.tmp" &&
+      cp -a "$ROOT"/ripper_dist "$ROOT"/export "$ROOT"/jobs "$ROOT"/pyproject.toml "$WORK/src.tmp/" &&
+      { [[ ! -e $ROOT/.gpu_check_commit ]] || cp "$ROOT/.gpu_check_commit" "$WORK/src.tmp/"; } &&
+      rm -rf "$WORK/src" && mv "$WORK/src.tmp" "$WORK/src" && self=$WORK/src/jobs/gpu_check.sh
+  fi
+  setsid nohup bash "$self" --_prepare-worker < /dev/null >> "$WORK/prepare.log" 2>&1 &
   echo $! > "$WORK/prepare.pid"
   echo "background exports started (pid $(cat "$WORK/prepare.pid"), log $WORK/prepare.log): $PREP_ITEMS"
 }
@@ -454,7 +470,7 @@ graph = helper.make_graph(nodes, "check", [helper.make_tensor_value_info("x", Te
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 model.ir_version = 8
 so = ort.SessionOptions()
-so.log_severity_level = 1
+so.log_severity_level = 3
 try:
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 except Exception as e:  # noqa: BLE001
