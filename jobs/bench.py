@@ -467,26 +467,120 @@ def bench_cli(args) -> None:
           f"Ray job {r_up['wall_s'] / r_ray['wall_s']:.2f}x")
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds spent by every process on this machine so far (/proc/stat: user+nice+system+irq+softirq)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _ray_worker_peaks() -> dict[int, int]:
+    """pid -> peak RSS bytes (VmHWM) of this machine's Ray worker processes (`ray::...`)."""
+    peaks = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0]
+            if not cmd.startswith(b"ray::"):
+                continue
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmHWM:"):
+                    peaks[int(pid)] = int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return peaks
+
+
+def _driver_run(argv: list[str]) -> dict:
+    """The CLI as a child process on an already running Ray (`--address`): its own CPU and peak RSS are the
+    driver's (wait4), the machine's CPU meanwhile is everyone's; Ray workers' peak RSS is sampled from /proc."""
+    import threading
+    peaks, stop = {}, threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid, v in _ray_worker_peaks().items():
+                peaks[pid] = max(peaks.get(pid, 0), v)
+            time.sleep(0.25)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    busy0, t0 = _busy_cpu_s(), time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall, busy = time.perf_counter() - t0, _busy_cpu_s() - busy0
+    stop.set()
+    th.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv[:6]}... failed:\n{err[-2000:]}")
+    driver = usage.ru_utime + usage.ru_stime
+    return {"wall_s": wall, "driver_cpu_s": driver, "workers_cpu_s": max(busy - driver, 0.0),
+            "driver_rss_mb": usage.ru_maxrss / 1024, "worker_rss_mb": max(peaks.values(), default=0) / 2 ** 20}
+
+
 def bench_pipeline(args) -> None:
-    prep = _run_measured("prepare", model=args.model, threads=args.threads)
-    repo, name = prep["repo"], prep["name"]
-    tracks = [_track(args.seconds, name=f"t{i}", seed=i) for i in range(args.tracks)]
-    folder = tracks[0].parent
-    out = _work_dir() / "pipeline-out"
-    base = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "--repo", str(repo),
-            "-n", name, *map(str, tracks)]
-    local = _run_measured("cli", argv=base + ["--engine", "local", "-o", str(out / "local")])
-    ray_ = _run_measured("cli", argv=base + ["--engine", "ray", "-o", str(out / "ray")])
-    warm = _run_measured("ray_job", argv=base[3:] + ["--engine", "ray", "-o", str(out / "ray-warm")],
-                         start_first=True)
-    audio = args.tracks * args.seconds
-    print(f"# pipeline: {args.tracks} tracks x {args.seconds:g} s; {_machine()}; folder {folder}")
-    for label, r in [("local engine (1 process)", local), ("Ray job, whole command", ray_),
-                     ("Ray job on a running Ray", warm)]:
-        print(f"{label:<26} {r['wall_s']:8.2f} s  {audio / r['wall_s']:.3f}x realtime")
-    print(f"Ray overhead: {(ray_['wall_s'] / local['wall_s'] - 1) * 100:.1f}% for the whole command (starting and "
-          f"stopping the embedded Ray included); {(warm['wall_s'] / local['wall_s'] - 1) * 100:.1f}% on a running "
-          f"Ray (a cluster, `ray job submit`; starting it took {warm['ray_start_s']:.1f} s)")
+    """The Ray job around a model that costs nothing: what the pipeline itself sustains, and the driver's share."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ripper_export.identity import make_identity_graph
+    work = _work_dir()
+    graph = make_identity_graph(work / "identity" / "identity.onnx")
+    cores = os.cpu_count()
+    src = _track(args.seconds, name="pipe", seed=1)
+    folders = {}
+    for n in (args.small, args.large):
+        folder = work / "pipeline" / f"{n}x{args.seconds:g}"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            for i in range(n):
+                os.link(src, folder / f"t{i:05d}.wav")
+        folders[n] = folder
+    long = _track(args.long_minutes * 60, name="pipe-long", seed=2)
+    out = work / "pipeline-out"
+    cli = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "-n", str(graph)]
+    formats = {"wav PCM_16": ["--format", "wav", "--subtype", "PCM_16"], "flac": ["--format", "flac"]}
+    # The one-process ceiling per core: decode + overlap-add + encode in one loop (the local engine, one thread).
+    ceiling = {}
+    for label, fmt in formats.items():
+        r = _driver_run(cli + fmt + ["--engine", "local", "--threads", "1", "-o", str(out / "ceiling"),
+                                     str(folders[args.small])])
+        ceiling[label] = args.small * args.seconds / r["wall_s"]
+    port = 6391
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    started = subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--num-cpus", str(cores),
+                              "--include-dashboard", "false", "--disable-usage-stats"], capture_output=True, text=True,
+                             env=os.environ | {"RAY_AUTH_MODE": "disabled"})  # a loopback-only benchmark cluster
+    if started.returncode:
+        raise RuntimeError(started.stderr)
+    rows = []
+    try:
+        on_ray = cli + ["--engine", "ray", "--address", f"127.0.0.1:{port}"]
+        for label, fmt in formats.items():
+            runs = {n: _driver_run(on_ray + fmt + ["-o", str(out / f"{n}"), str(folders[n])])
+                    for n in (args.small, args.large)}
+            small, large = runs[args.small], runs[args.large]
+            extra_audio = (args.large - args.small) * args.seconds
+            per_s = (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra_audio
+            rows.append((f"{args.large} x {args.seconds:g} s, {label}", args.large * args.seconds, large, per_s,
+                         ceiling[label]))
+            lr = _driver_run(on_ray + fmt + ["-o", str(out / "long"), str(long)])
+            rows.append((f"1 x {args.long_minutes:g} min, {label}", args.long_minutes * 60, lr,
+                         lr["driver_cpu_s"] / (args.long_minutes * 60), ceiling[label]))
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    print(f"# pipeline on a trivial graph (inference ~free), Ray started apart with {cores} CPUs; {_machine()}")
+    print(f"# one-process ceiling per core (local engine, 1 thread, {args.small} x {args.seconds:g} s): "
+          + ", ".join(f"{k} {v:.0f}x" for k, v in ceiling.items()))
+    print(f"{'job':<28}{'x-realtime':>11}{'% of ceiling':>13}{'driver ms/s':>12}{'workers ms/s':>13}"
+          f"{'driver RSS':>11}{'worker RSS':>11}")
+    for label, audio, r, per_s, ceil in rows:
+        xrt = audio / r["wall_s"]
+        print(f"{label:<28}{xrt:>11.1f}{100 * xrt / (ceil * cores):>12.0f}%{per_s * 1000:>12.2f}"
+              f"{r['workers_cpu_s'] / audio * 1000:>13.1f}{r['driver_rss_mb']:>9.0f}MB{r['worker_rss_mb']:>9.0f}MB")
+    print("driver ms/s: driver CPU per audio second (short tracks: the difference between the two job sizes, so "
+          "start-up does not count; the long track: the whole command)")
 
 
 def bench_memory(args) -> None:
@@ -644,10 +738,15 @@ def main(argv=None):
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    for what in ("engine", "cli", "pipeline"):
+    p = sub.add_parser("pipeline", help="the Ray job on a trivial graph: throughput, driver CPU, memory")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the short tracks")
+    p.add_argument("--small", type=int, default=20, help="short tracks in the small job")
+    p.add_argument("--large", type=int, default=200, help="short tracks in the large job")
+    p.add_argument("--long-minutes", type=float, default=20.0)
+    for what in ("engine", "cli"):
         p = sub.add_parser(what)
         p.add_argument("--model", default="htdemucs", choices=["htdemucs", "htdemucs_ft", "htdemucs_6s"])
-        p.add_argument("--seconds", type=float, default=60.0 if what != "pipeline" else 20.0)
+        p.add_argument("--seconds", type=float, default=60.0)
         p.add_argument("--overlap", type=float, default=0.25)
         p.add_argument("--threads", type=int, default=os.cpu_count())
         p.add_argument("--batch-size", type=_batch_arg, default="auto", help="chunks per run, or auto (as separate)")

@@ -19,7 +19,12 @@ def export_model(opts) -> ExportedModel:
     exported (and parity-checked) on first use."""
     from .export_cache import with_precision
     args, precision = opts, opts.precision
-    if args.model in ROFORMER_FAMILIES:
+    if Path(args.model).suffix == ".onnx":  # an exported graph (`ripper-dist export -o`): no checkpoint needed
+        path = Path(args.model)
+        if not path.is_file():
+            raise FileNotFoundError(f"-n {path}: no such ONNX file")
+        exported = ExportedModel(path.stem, read_info(path).family, (path,), None)
+        return with_precision(exported, precision)
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:
             raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")

@@ -108,6 +108,8 @@ class SeparateOptions:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
         if not self.shared_fs and self.engine == "local":
             bad("--no-shared-fs", "is a Ray job option: it does nothing with --engine local")
+        if Path(self.model).suffix == ".onnx" and not Path(self.model).is_file():
+            bad("-n", f"{self.model}: no such ONNX file")
         if self.model in ROFORMER_FAMILIES and (not self.config or not self.checkpoint):
             bad("-n", f"{self.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
         for path, option in ((self.repo, "--repo"), (self.checkpoint, "--checkpoint"), (self.config, "--config"),
