@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 # One version for every exporter, kept on the runtime side so a cache lookup needs no torch.
-from ripper_dist.export_cache import EXPORT_VERSION
+from .version import EXPORT_VERSION
 
 __all__ = [
     "EXPORT_VERSION",

@@ -14,11 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import DemucsSource, cache_dir, sha256_file
+from .hashing import sha256_file
+from .sources import DemucsSource, cache_dir
 
 #: Bump when the graph exported for the same checkpoint and options changes (cached graphs are then re-exported).
 #: 2: factorised real DFT for the STFT/ISTFT.
-EXPORT_VERSION = "2"
+from ripper_export.version import EXPORT_VERSION  # the export side owns it; importing it needs no torch
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 #: An fp16 graph further than this from its fp32 graph (SDR on a music-like chunk, ONNX Runtime CPU) is refused.

@@ -32,6 +32,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,11 @@ from .families import Family
 from .manifest import RowContext
 from .options import SeparateOptions
 from .parts import TrackParts, parts_root
-from .separator import Job, Progress
+from .progress import Progress
 from .span_work import TrackPlan, open_reader, plan_track, run_span, stem_sink
+
+if TYPE_CHECKING:
+    from .separator import Job
 
 SPAN_SECONDS_MAX = 120  # per span: ~170 MB of htdemucs float32 stems in flight at most, ~5% calls run twice at cuts
 SPAN_SECONDS_MIN = 15   # a span shorter than this spends more on its edge chunks than spreading gains
@@ -303,7 +307,7 @@ class _Totals:
         return sum(self.known.values()) + mean * (self.n - len(self.known))
 
 
-def run_ray(job: Job, *, make_runners=onnx_runners) -> list[dict]:
+def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
     """Run the job's tracks on Ray; returns their rows (also recorded in the manifest as they arrive).
 
     make_runners(graphs, device, threads, max_batch): builds an actor's runners (default: ONNX Runtime sessions)."""

@@ -20,6 +20,7 @@ from .manifest import Manifest, RowContext
 from .models import ModelBundle, export_model
 from .options import SeparateOptions
 from .parts import PARTS_DIR
+from .progress import Progress
 
 
 @dataclass
@@ -89,34 +90,6 @@ def clean_leftovers(job: Job) -> None:
             for p in folder.iterdir():
                 if p.name.startswith(".") and p.suffix in (".tmp", ".f32"):
                     p.unlink(missing_ok=True)
-
-
-class Progress:
-    """One bar over audio seconds: shows x-realtime (audio seconds per wall second) and the ETA.
-
-    The total may be an estimate that grows (the Ray job learns durations as tracks are planned on the workers)."""
-
-    def __init__(self, total_s: float | None, enabled: bool = True, desc: str = "separating"):
-        from tqdm import tqdm
-        self.bar = tqdm(total=total_s or 0.0, unit="s", desc=desc, disable=not enabled, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]",
-                        file=sys.stderr)
-        self.t0 = time.monotonic()
-        self.done = 0.0
-
-    def set_total(self, total_s: float) -> None:
-        self.bar.total = max(total_s, self.bar.n)
-        self.bar.refresh()
-
-    def update(self, seconds: float) -> None:
-        self.done += seconds
-        if self.bar.total is not None and self.bar.n + seconds > self.bar.total:
-            self.bar.total = self.bar.n + seconds  # durations from headers can be short by a few samples
-        self.bar.update(seconds)
-        self.bar.set_postfix_str(f"{self.done / max(time.monotonic() - self.t0, 1e-9):.2f}x realtime", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def summary(job: Job, rows: list[dict], wall_s: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .hashing import sha256_file  # noqa: F401 - re-exported for callers of sources
+from .hashing import sha256_file
 
 OFFICIAL_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
 _ONE_HOT = [[1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]
