@@ -289,6 +289,10 @@ def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: i
     return _roformer_run(runner, runner.chunk_samples, bundle.num_overlap, runner.info.channels, track, reps)
 
 
+def child_track(seconds: float, name: str, seed: int) -> dict:
+    return {"path": str(_track(seconds, name=name, seed=seed))}
+
+
 def child_cli(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     rc = subprocess.call(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -352,7 +356,7 @@ def child_prepare(model: str = "", threads: int = 1, roformer: str = "", precisi
 
 CHILDREN = {"prepare": child_prepare, "upstream": child_upstream, "engine": child_engine, "bare": child_bare, "cli": child_cli,
             "ray_job": child_ray_job, "roformer_torch": child_roformer_torch,
-            "roformer_engine": child_roformer_engine}
+            "roformer_engine": child_roformer_engine, "track": child_track}
 
 
 # -- reports ----------------------------------------------------------------------------------------------------------
@@ -527,7 +531,8 @@ def bench_pipeline(args) -> None:
     work = _work_dir()
     graph = make_identity_graph(work / "identity" / "identity.onnx")
     cores = os.cpu_count()
-    src = _track(args.seconds, name="pipe", seed=1)
+    # tracks are made in a child: a 20-minute track in this process would raise the peak RSS its children inherit
+    src = Path(_run_measured("track", seconds=args.seconds, name="pipe", seed=1)["path"])
     folders = {}
     for n in (args.small, args.large):
         folder = work / "pipeline" / f"{n}x{args.seconds:g}"
@@ -536,7 +541,7 @@ def bench_pipeline(args) -> None:
             for i in range(n):
                 os.link(src, folder / f"t{i:05d}.wav")
         folders[n] = folder
-    long = _track(args.long_minutes * 60, name="pipe-long", seed=2)
+    long = Path(_run_measured("track", seconds=args.long_minutes * 60, name="pipe-long", seed=2)["path"])
     out = work / "pipeline-out"
     cli = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "-n", str(graph)]
     formats = {"wav PCM_16": ["--format", "wav", "--subtype", "PCM_16"], "flac": ["--format", "flac"]}

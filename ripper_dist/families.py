@@ -130,6 +130,8 @@ class DemucsFamily(Family):
         self.models = needed_models(self.planner.weights, self.stem_map)
         self.shifts, self.seed = int(opts.shifts), int(opts.seed)
         self.overlap = DEMUCS_OVERLAP if opts.overlap is None else float(opts.overlap)
+        if opts.num_overlap is not None:
+            raise ValueError("--num-overlap: a RoFormer option; Demucs takes --overlap")
         self.segment_samples = None if opts.segment is None else int(round(opts.segment * self.sample_rate))
         if self.segment_samples is not None:
             longest = min(self.planner.chunk_samples)
@@ -187,11 +189,8 @@ class MsstFamily(Family):
 
     def __init__(self, bundle, opts: SeparateOptions):
         from .msst_chunking import model_sources, output_stems
-        ignored = [flag for flag, given in (("--shifts", opts.shifts), ("--overlap", opts.overlap is not None),
-                                            ("--segment", opts.segment is not None)) if given]
-        if ignored:
-            raise ValueError(f"{', '.join(ignored)}: Demucs options; {bundle.family} chunks by the config's chunk "
-                             "size and --num-overlap")
+        from .options import refuse_demucs_options
+        refuse_demucs_options(opts, bundle.family)  # also for a RoFormer given as an exported .onnx
         info = bundle.info
         self.name = bundle.name
         self.sample_rate, self.channels = info.sample_rate, info.channels

@@ -1,12 +1,11 @@
 """`OUT/metadata.parquet`: one row per input, written as tracks finish, so a crash loses nothing that was done.
 
-Each finished track first lands as its own small Parquet file under `OUT/.ripper-dist/rows/` (atomic rename), then the
-rows are compacted into `OUT/metadata.parquet` (also atomic). Appending is O(1) per track however large the archive;
-the compacted file is what pandas/DuckDB users read. A rerun reads both to decide what to skip.
+Each finished track is first appended to a journal (`OUT/.ripper-dist/rows.jsonl`), then the rows are compacted into
+`OUT/metadata.parquet` (written atomically). Appending is O(1) per track however large the archive; the compacted file
+is what pandas/DuckDB users read. A rerun reads both to decide what to skip.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -41,7 +40,19 @@ SCHEMA = pa.schema([
     ("worker", pa.string()),
     ("engine", pa.string()),          # local | ray
 ])
-ROW_DIR = ".ripper-dist/rows"
+
+
+def _seconds(value) -> float:
+    """A row's timestamp as seconds (rows from the journal hold floats, rows from Parquet datetimes)."""
+    if value is None:
+        return 0.0
+    if hasattr(value, "timestamp"):
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        import datetime
+        return datetime.datetime.fromisoformat(str(value)).timestamp()
 
 
 def normalise_row(row: dict) -> dict:
@@ -102,19 +113,28 @@ class RowContext:
             "realtime_x": plan.duration_s / elapsed, "node": node, "worker": worker} | extra
 
 
-def row_file_name(input_path: str) -> str:
-    return hashlib.sha1(input_path.encode()).hexdigest()[:20] + ".parquet"
+JOURNAL = ".ripper-dist/rows.jsonl"
 
 
 class Manifest:
-    """Rows of one output folder, keyed by input path (the last row written for an input wins)."""
+    """Rows of one output folder, keyed by input path (the last row written for an input wins).
+
+    A finished track is appended to a journal (one JSON line, flushed: a few microseconds, so recording stays a
+    negligible share of the driver however many tracks arrive per second); `compact()` folds the journal into
+    `metadata.parquet` (written atomically) and empties it. Compaction runs every `compact_every_s` at most, and never
+    more than a small share of the time (it rewrites every row), and at the end of each job. A torn last line from a
+    crash is ignored: that track is simply redone.
+    """
 
     def __init__(self, out_dir: Path, compact_every_s: float = 10.0):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metadata.parquet"
-        self.row_dir = self.out_dir / ROW_DIR
+        self.journal = self.out_dir / JOURNAL
+        self.legacy_rows = self.out_dir / ".ripper-dist" / "rows"  # row files of earlier versions, still read
         self.compact_every_s = compact_every_s
-        self._last_compact = 0.0
+        self._last_compact = time.monotonic()
+        self._compact_cost = 0.0
+        self._journal_file = None
         self._rows: dict[str, dict] = self._load()
 
     def _load(self) -> dict[str, dict]:
@@ -122,16 +142,23 @@ class Manifest:
         if self.path.exists():
             for r in pq.read_table(self.path).to_pylist():
                 rows[r["input_path"]] = r
-        if self.row_dir.is_dir():
-            pending = []
-            for f in self.row_dir.glob("*.parquet"):
+        pending = []
+        if self.legacy_rows.is_dir():
+            for f in self.legacy_rows.glob("*.parquet"):
                 try:
                     pending += pq.read_table(f).to_pylist()
                 except Exception:  # a torn row file from a crash: the track is simply redone
                     continue
-            pending.sort(key=lambda r: r["finished_at"] or 0)
-            for r in pending:
-                rows[r["input_path"]] = r
+        journal = []
+        if self.journal.exists():
+            for line in self.journal.read_text().splitlines():
+                try:
+                    journal.append(json.loads(line))
+                except ValueError:  # a line torn by a crash
+                    continue
+        pending.sort(key=lambda r: _seconds(r.get("finished_at")))
+        for r in pending + journal:  # the journal is in the order rows were recorded
+            rows[r["input_path"]] = r
         for r in rows.values():
             if r.get("stem_paths") is not None and not isinstance(r["stem_paths"], dict):
                 r["stem_paths"] = dict(r["stem_paths"])
@@ -143,25 +170,35 @@ class Manifest:
 
     def record(self, row: dict) -> None:
         """Persist one finished (done or failed) track immediately."""
-        row = normalise_row(row)
-        table = pa.Table.from_pylist([row], schema=SCHEMA)
-        _atomic_write_table(table, self.row_dir / row_file_name(row["input_path"]))
-        stored = pq.read_table(self.row_dir / row_file_name(row["input_path"])).to_pylist()[0]
-        stored["stem_paths"] = dict(stored["stem_paths"] or [])
-        self._rows[row["input_path"]] = stored
-        if time.monotonic() - self._last_compact > self.compact_every_s:
+        row = {k: row.get(k) for k in SCHEMA.names}
+        row["stem_paths"] = dict(row["stem_paths"] or {})
+        if self._journal_file is None:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            self._journal_file = open(self.journal, "a", encoding="utf-8")
+            if self._journal_file.tell() and not self.journal.read_bytes().endswith(b"\n"):
+                self._journal_file.write("\n")  # end a line torn by a crash, so it does not swallow this row
+        self._journal_file.write(json.dumps(row, default=str) + "\n")
+        self._journal_file.flush()
+        self._rows[row["input_path"]] = row
+        since = time.monotonic() - self._last_compact
+        if since > max(self.compact_every_s, 50 * self._compact_cost):
             self.compact()
 
     def compact(self) -> None:
-        """Rewrite metadata.parquet from all rows, then drop the row files it now contains."""
+        """Rewrite metadata.parquet from all rows, then empty the journal (and drop row files of older versions)."""
+        t0 = time.monotonic()
         rows = sorted(self._rows.values(), key=lambda r: r["input_path"])
         table = pa.Table.from_pylist([normalise_row(r) for r in rows], schema=SCHEMA)
         _atomic_write_table(table, self.path)
-        if self.row_dir.is_dir():
-            for r in rows:
-                (self.row_dir / row_file_name(r["input_path"])).unlink(missing_ok=True)
+        if self._journal_file is not None:
+            self._journal_file.close()
+            self._journal_file = None
+        self.journal.unlink(missing_ok=True)
+        if self.legacy_rows.is_dir():
+            for f in self.legacy_rows.glob("*.parquet"):
+                f.unlink(missing_ok=True)
         self._last_compact = time.monotonic()
-
+        self._compact_cost = self._last_compact - t0
     def is_done(self, input_path: str, opts_key: str, size: int, mtime_ns: int, sha256=None) -> bool:
         """True when a previous run finished this input with the same options and its stems are all present.
 

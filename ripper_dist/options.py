@@ -112,6 +112,8 @@ class SeparateOptions:
             bad("-n", f"{self.model}: no such ONNX file")
         if self.model in ROFORMER_FAMILIES and (not self.config or not self.checkpoint):
             bad("-n", f"{self.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
+        if self.model in ROFORMER_FAMILIES:
+            refuse_demucs_options(self, self.model)
         for path, option in ((self.repo, "--repo"), (self.checkpoint, "--checkpoint"), (self.config, "--config"),
                              (self.then_repo, "--then-repo")):
             if path is not None and not Path(path).exists():
@@ -135,6 +137,15 @@ class SeparateOptions:
         return dataclasses.replace(
             self, model=model, checkpoint=None, config=None, repo=self.then_repo, stems=None, two_stems=None,
             segment=None, num_overlap=None, overlap=None, then=(), out=self.out / f"{stem}.{model}")
+
+
+def refuse_demucs_options(opts: SeparateOptions, family: str) -> None:
+    """RoFormer chunks by its config: the Demucs chunking options are refused rather than silently ignored."""
+    given = [flag for flag, on in (("--shifts", opts.shifts), ("--overlap", opts.overlap is not None),
+                                   ("--segment", opts.segment is not None)) if on]
+    if given:
+        raise ValueError(f"{', '.join(given)}: Demucs options; {family} chunks by its config's chunk size and "
+                         "--num-overlap")
 
 
 def parse_then(specs) -> tuple[tuple[str, str], ...]:

@@ -90,17 +90,31 @@ def test_chain_roformer_vocals_then_demucs_on_the_rest(tmp_path):
         assert np.array_equal(a, b)
 
 
-def test_ray_job_equals_local_engine(tmp_path):
+def test_ray_job_equals_local_engine_with_spans(tmp_path):
+    """Short tracks, a resampled mono one, and a long one cut into spans over both actors: the local engine's stems."""
     config, ckpt = make_roformer_checkpoint(tmp_path / "m", "mel_band_roformer", size="small")
     inp = tmp_path / "in"
     write_tone(inp / "a.wav", 2.3, seed=1)
     write_tone(inp / "b.wav", 0.4, sr=48000, channels=1, seed=2)
+    write_tone(inp / "long.wav", 36.1, seed=3)
     common = ["--no-progress", "-n", "mel_band_roformer", "--config", str(config), "--checkpoint", str(ckpt),
               "--subtype", "FLOAT", "--clip-mode", "none", str(inp)]
     assert main(["separate", "--engine", "local", "-o", str(tmp_path / "local"), *common]) == 0
     assert main(["separate", "--engine", "ray", "--num-cpus", "2", "-o", str(tmp_path / "ray"), *common]) == 0
-    for track in ["a", "b"]:
+    for track in ["a", "b", "long"]:
         for stem in ["vocals", "other"]:
             x = sf.read(tmp_path / "ray" / track / f"{stem}.wav")[0]
             y = sf.read(tmp_path / "local" / track / f"{stem}.wav")[0]
-            assert sdr_db(y, x) >= 90
+            assert x.shape == y.shape and sdr_db(y, x) >= 120
+    rows = pd.read_parquet(tmp_path / "ray" / "metadata.parquet").set_index("track")
+    assert len(rows.worker["long"].split(",")) == 2  # its spans ran on both actors
+
+
+def test_demucs_options_are_refused_not_ignored(tmp_path, capsys):
+    config, ckpt = make_roformer_checkpoint(tmp_path / "m", "mel_band_roformer", size="small")
+    track = write_tone(tmp_path / "in" / "song.wav", 0.5, seed=5)
+    rc = main(["separate", "--no-progress", "-n", "mel_band_roformer", "--config", str(config), "--checkpoint",
+               str(ckpt), "--shifts", "2", "--overlap", "0.5", "-o", str(tmp_path / "out"), str(track)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--shifts, --overlap: Demucs options" in err
+    assert not (tmp_path / "out" / "metadata.parquet").exists()

@@ -29,10 +29,23 @@ def test_rows_survive_without_compaction_and_compact(tmp_path):
     (tmp_path / "t" / "vocals.wav").unlink()
     assert not m2.is_done("/a.wav", "k", 10, 5)            # stem missing: redo
     m2.compact()
-    assert not any((tmp_path / ".ripper-dist" / "rows").iterdir())
+    assert not (tmp_path / ".ripper-dist" / "rows.jsonl").exists()
     df = pd.read_parquet(tmp_path / "metadata.parquet")
     assert list(df.input_path) == ["/a.wav", "/b.wav"]
     assert dict(df.stem_paths[0]) == {"vocals": "t/vocals.wav"}
     con = duckdb.connect()
     got = con.execute(f"select status, stem_paths['vocals'] from '{tmp_path / 'metadata.parquet'}' order by input_path").fetchall()
     assert got[0][0] == "done" and "t/vocals.wav" in str(got[0][1])
+
+
+def test_a_torn_journal_line_is_ignored_and_compaction_is_not_every_row(tmp_path):
+    m = Manifest(tmp_path, compact_every_s=1e9)
+    for i in range(50):
+        m.record(_row(f"/{i}.wav", status="failed"))
+    assert not (tmp_path / "metadata.parquet").exists()  # 50 rows, no rewrite of the table yet
+    with open(tmp_path / ".ripper-dist" / "rows.jsonl", "a") as f:
+        f.write('{"input_path": "/torn.wav", "sta')  # the process died mid-line
+    again = Manifest(tmp_path)
+    assert len(again.rows) == 50 and "/torn.wav" not in again.rows
+    again.record(_row("/0.wav"))  # a later row for the same input wins
+    assert Manifest(tmp_path).rows["/0.wav"]["status"] == "done"

@@ -228,12 +228,16 @@ def test_driver_killed_then_rerun_resumes(env):
            str(env.inp)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    rows = out / ".ripper-dist" / "rows"
-    while time.time() < deadline and not (rows.is_dir() and len(list(rows.glob("*.parquet"))) >= 2):
+    journal = out / ".ripper-dist" / "rows.jsonl"
+
+    def recorded() -> int:
+        return len(journal.read_text().splitlines()) if journal.exists() else 0
+
+    while time.time() < deadline and recorded() < 2:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies, driver included
     proc.wait()
-    done_before = len(list(rows.glob("*.parquet")))
+    done_before = recorded()
     assert _ray(env, out) == 1
     df = _same_bytes(out, env.local)
     assert len(df) == 5 and df.index.is_unique and done_before >= 2
