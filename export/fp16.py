@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
+
+from .metrics import sdr_db
 import onnx
 from onnx import TensorProto, helper
 
@@ -330,15 +332,6 @@ def _session(model, threads: int | None = None):
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-def _sdr(ref: np.ndarray, est: np.ndarray) -> float:
-    ref = np.asarray(ref, np.float64)
-    est = np.asarray(est, np.float64)
-    den = float(np.sum((ref - est) ** 2))
-    if not np.isfinite(den):
-        return float("-inf")
-    return float("inf") if den == 0 else float(10 * np.log10(float(np.sum(ref * ref)) / den))
-
-
 def fp16_sdr(fp32_model, fp16_model, inputs) -> float:
     """SDR (dB) of the fp16 graph's output against the fp32 graph's on the same input, both in ONNX Runtime (CPU).
 
@@ -351,7 +344,7 @@ def fp16_sdr(fp32_model, fp16_model, inputs) -> float:
     feed = inputs if isinstance(inputs, Mapping) else {"mix": np.asarray(inputs, np.float32)}
     ref = _session(fp32_model).run(None, feed)[0]
     est = _session(fp16_model).run(None, feed)[0]
-    return _sdr(ref, est)
+    return sdr_db(ref, est)
 
 
 def music_like(batch: int, channels: int, samples: int, *, sample_rate: int = 44100, seed: int = 0,
@@ -460,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         feed = {"mix": mix}
         ref, t32 = _run_timed(m32, feed, args.repeat)
         est, t16 = _run_timed(m16, feed, args.repeat)
-        print(f"   SDR fp16 vs fp32, music-like -20 dBFS: {_sdr(ref, est):.1f} dB")
+        print(f"   SDR fp16 vs fp32, music-like -20 dBFS: {sdr_db(ref, est):.1f} dB")
         print(f"   CPU ({os.cpu_count()} cores, not the fp16 target) s/chunk: fp32 {t32:.2f}, fp16 {t16:.2f}",
               flush=True)
         if args.noise:
@@ -468,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   SDR fp16 vs fp32, white noise -20 dBFS: {fp16_sdr(m32, m16, noise):.1f} dB")
         if args.naive:
             naive = _session(to_fp16(m32, naive=True)).run(None, feed)[0]
-            print(f"   naive whole-graph conversion: {_sdr(ref, naive):.1f} dB", flush=True)
+            print(f"   naive whole-graph conversion: {sdr_db(ref, naive):.1f} dB", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ SOURCES = ("drums", "bass", "other", "vocals")
 
 
 def make_identity_graph(path: Path, *, chunk_samples: int = 343980, sample_rate: int = 44100, channels: int = 2,
-                        sources=SOURCES, family: str = "htdemucs") -> Path:
-    """Write the graph to `path` (a Demucs-family graph by default; its segment is the chunk length)."""
+                        sources=SOURCES, family: str = "htdemucs", metadata: dict | None = None) -> Path:
+    """Write the graph to `path` (a Demucs-family graph by default; its segment is the chunk length). metadata:
+    more `ripper.*` entries (e.g. a RoFormer's `ripper.instruments` and `ripper.target_instrument`)."""
     gains = np.linspace(0.1, 0.4, len(sources), dtype=np.float32).reshape(1, len(sources), 1, 1)
     nodes = [helper.make_node("Unsqueeze", ["mix", "axis"], ["mix1"]),
              helper.make_node("Mul", ["mix1", "gains"], ["stems"])]
@@ -30,7 +31,7 @@ def make_identity_graph(path: Path, *, chunk_samples: int = 343980, sample_rate:
         "ripper.family": family, "ripper.sources": json.dumps(list(sources)),
         "ripper.sample_rate": str(sample_rate), "ripper.channels": str(channels),
         "ripper.chunk_samples": str(chunk_samples), "ripper.segment_samples": str(chunk_samples),
-        "ripper.export_version": "identity", "ripper.checkpoint_sha256": "identity"})
+        "ripper.export_version": "identity", "ripper.checkpoint_sha256": "identity", **(metadata or {})})
     onnx.checker.check_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

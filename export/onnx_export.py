@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 # One version for every exporter, kept on the runtime side so a cache lookup needs no torch.
+from .metrics import sdr_db  # noqa: F401 - part of this module's API (parity is reported in it)
 from .version import EXPORT_VERSION
 
 __all__ = [
@@ -43,19 +44,6 @@ class ParityError(RuntimeError):
         self.sdr = sdr
 
 
-def sdr_db(ref, est) -> float:
-    """10*log10(sum(ref^2) / sum((ref-est)^2)) over all elements, in float64. `inf` when identical."""
-    ref = np.asarray(ref, dtype=np.float64)
-    est = np.asarray(est, dtype=np.float64)
-    if ref.shape != est.shape:
-        raise ValueError(f"shape mismatch: {ref.shape} vs {est.shape}")
-    num = float(np.sum(ref * ref))
-    den = float(np.sum((ref - est) ** 2))
-    if den == 0.0:
-        return float("inf")
-    if num == 0.0:
-        return float("-inf")
-    return float(10.0 * np.log10(num / den))
 
 
 def _to_str(value: Any) -> str:

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ripper_export.metrics import sdr_db
+
 ROOT = Path(__file__).resolve().parents[1]
 HTDEMUCS_GFLOP_PER_SEGMENT = 224.5   # released htdemucs, one 7.8 s segment, as upstream computes it (REFERENCE 4);
 #                                      the exported graph does about 117 of them (factorised STFT/ISTFT)
@@ -420,7 +422,7 @@ def bench_engine(args) -> None:
         runs["engine"].append(_run_measured("engine", **common, batch_size=args.batch_size, precision=args.precision))
         runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size, precision=args.precision))
     a, b = np.load(runs["upstream"][-1]["out"]), np.load(runs["engine"][-1]["out"])
-    sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
+    sdr = sdr_db(a, b)
     _cleanup(runs)
     chunks = runs["engine"][0]["chunks"]
     gflop = chunks * HTDEMUCS_GFLOP_PER_SEGMENT
@@ -629,9 +631,9 @@ def bench_roformer(args) -> None:
         runs["torch"].append(_run_measured("roformer_torch", **common))
         runs["engine"].append(_run_measured("roformer_engine", **common, precision=args.precision))
     a, b = np.load(runs["torch"][-1]["out"]), np.load(runs["engine"][-1]["out"])
-    sdr = 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a.astype(np.float64) - b) ** 2), 1e-30))
+    sdr = sdr_db(a, b)
     ca, cb = np.load(runs["torch"][-1]["chunk_out"]), np.load(runs["engine"][-1]["chunk_out"])
-    csdr = 10 * np.log10(np.sum(ca.astype(np.float64) ** 2) / max(np.sum((ca.astype(np.float64) - cb) ** 2), 1e-30))
+    csdr = sdr_db(ca, cb)
     _cleanup(runs)
     chunk_sec = prep["chunk_samples"] / prep["sample_rate"]
     print(f"# roformer benchmark: mel_band_roformer size={args.config}, chunk {prep['chunk_samples']} samples "
@@ -693,8 +695,7 @@ def bench_graph(args) -> None:
     print(f"# per-chunk ONNX Runtime time, {info.family}, chunk {info.chunk_samples}, batch {args.batch_size}, "
           f"{args.threads} threads, {args.reps} interleaved reps; {_machine()}")
     for spec, ts in times.items():
-        d = outs[spec] - ref
-        sdr = 10 * np.log10(np.sum(ref ** 2) / max(float(np.sum(d * d)), 1e-30))
+        sdr = sdr_db(ref, outs[spec])
         print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; vs first {sdr:6.1f} dB")
 
 

@@ -10,8 +10,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .options import SeparateOptions
 
 
 def _batch_size(text: str) -> int | str:

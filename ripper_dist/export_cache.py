@@ -9,11 +9,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_path
 from .hashing import sha256_file
 from .sources import DemucsSource, cache_dir
 
@@ -137,8 +137,7 @@ def fp16_graph(fp32_path: Path) -> Path:
         raise ValueError(f"{fp32_path}: the fp16 graph is only {sdr:.1f} dB from fp32 (at least {FP16_MIN_SDR_DB} dB "
                          "needed); use --precision fp32")
     onnx.helper.set_model_props(half, meta | {"ripper.precision": "fp16", "ripper.fp16_sdr_db": f"{sdr:.1f}"})
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    onnx.save(half, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        onnx.save(half, str(tmp))
     log.info("fp16 graph %s: %.1f dB from fp32", out, sdr)
     return out

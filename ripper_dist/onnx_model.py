@@ -108,7 +108,7 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
     # the arena already holds from the first: the peak nearly doubles (htdemucs 1.05 -> 1.67 GB, RoFormer vocals
     # 5.0 -> 8.2 GB) for no measured speed (docs/BENCHMARKS.md).
     opts.enable_mem_pattern = False
-    opts.intra_op_num_threads = threads or int(os.environ.get("RIPPER_DIST_THREADS", 0)) or _usable_cores()
+    opts.intra_op_num_threads = threads or _usable_cores()
     if not spin:  # a process sharing its cores (a Ray actor beside the driver) must not busy-wait between ops
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .atomic import write_text
+
 PARTS_DIR = ".ripper-dist/parts"
 
 
@@ -77,10 +79,7 @@ class TrackParts:
 
     def mark(self, span: int, meta: dict) -> None:
         """Record that `span` is complete (after its part was published)."""
-        meta_path = self.part(span).with_suffix(".json")
-        tmp = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        write_text(self.part(span).with_suffix(".json"), json.dumps(meta))
 
     def metas(self) -> list[dict]:
         out = []

@@ -125,10 +125,30 @@ class SpanSeparator:
         if fit_gpu:  # `--batch-size auto`: each session measures what its GPU holds (and halves on OOM)
             batch_size = fit_runners(self.runners, batch_size)
         self.spec, self.batch_size = spec, batch_size
+        # CPU actors encode one-span tracks themselves (the finishing task would cost the same CPU plus a part written
+        # and read back); a GPU actor never waits on an encoder, and without a shared filesystem stems are written on
+        # the driver's node.
+        self.encode_here = device == "cpu" and spec.io is None
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by Ray for an actor that holds a GPU
         self.node = socket.gethostname()
         node_id = ray.get_runtime_context().get_node_id()[:8]  # hostnames can repeat (containers, one machine)
         self.actor = f"{self.node}:{os.getpid()}:{node_id}" + (f":gpu{gpu}" if gpu else "")
+
+    def _whole(self, path: str, track: str, plan: TrackPlan) -> tuple[dict, str]:
+        """A one-span track on a CPU actor with the stems' folder at hand: straight into its stem files, as the local
+        engine does (no part written and read back); returns (span info, the track's row)."""
+        spec = self.spec
+        sink = stem_sink(spec.family, plan, spec.out_paths(track), fmt=spec.fmt, subtype=spec.subtype, clip=spec.clip)
+        try:
+            with spec.reader(path) as reader:
+                info = run_span(spec.family, self.runners, reader, plan, 0, self.batch_size, sink)
+        except BaseException:
+            sink.abort()
+            raise
+        paths = sink.close()
+        row = spec.rows.done(path, track, plan=plan, paths=paths, started=info["started"], finished=time.time(),
+                             node=self.node, worker=self.actor)
+        return info, json.dumps(row)
 
     def _one(self, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
         parts = self.spec.parts(track, n_spans)
@@ -147,18 +167,23 @@ class SpanSeparator:
         n = len(batch["track_idx"])
         errors = [str(e) for e in batch["error"]]
         compute = np.zeros(n)
+        rows = [""] * n
         for i in range(n):
             if errors[i]:
                 continue
             try:
                 plan = TrackPlan.from_row(json.loads(str(batch["plan"][i])))
-                info = self._one(str(batch["path"][i]), str(batch["track"][i]), int(batch["span"][i]),
-                                 int(batch["n_spans"][i]), plan)
+                path, track, n_spans = str(batch["path"][i]), str(batch["track"][i]), int(batch["n_spans"][i])
+                if n_spans == 1 and self.encode_here:
+                    info, rows[i] = self._whole(path, track, plan)
+                else:
+                    info = self._one(path, track, int(batch["span"][i]), n_spans, plan)
                 compute[i] = info["compute_s"]
             except Exception as e:  # noqa: BLE001 - the track fails, the job goes on
                 errors[i] = _error(e)
         return {k: batch[k] for k in batch if k != "error"} | {"error": np.array(errors, dtype=object),
-                                                              "compute_s": compute}
+                                                              "compute_s": compute,
+                                                              "row": np.array(rows, dtype=object)}
 
 
 # -- stage 3: assemble finished tracks ------------------------------------------------------------------------------
@@ -189,7 +214,10 @@ def _finish(batch: dict, *, spec: JobSpec) -> dict:
         plan = TrackPlan.from_row(json.loads(str(batch["plan"][i]))) if str(batch["plan"][i]) else None
         durations[i] = plan.duration_s if plan else 0.0
         kind, row = "span", ""
-        if plan is None:  # failed while planning: the track's only row
+        if str(batch["row"][i]):  # separated and written by the actor in one go
+            kind, row = "done", str(batch["row"][i])
+            seconds[i] = plan.length / sr
+        elif plan is None:  # failed while planning: the track's only row
             kind, row = "failed", json.dumps(spec.rows.failed(path, track, error))
         else:
             a, b = plan.spans[int(batch["span"][i])]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .atomic import atomic_path
 from .hashing import sha256_file
 
 OFFICIAL_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
@@ -61,27 +61,22 @@ def verify_prefix(path: Path, prefix: str) -> str:
 
 def download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True) -> Path:
     """Download `url` to `dest` atomically; verify the sha256 prefix before the file gets its final name."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            bar = None
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False)
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
+    with atomic_path(dest, suffix=".part") as tmp, open(tmp, "wb") as out, \
+            urllib.request.urlopen(url, timeout=60) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False)
+        while chunk := resp.read(1 << 20):
+            out.write(chunk)
             if bar is not None:
-                bar.close()
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        out.close()
         if sha_prefix:
-            verify_prefix(Path(tmp), sha_prefix)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            verify_prefix(tmp, sha_prefix)
     return dest
 
 

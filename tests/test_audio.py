@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from ripper_export.metrics import sdr_db as sdr
 import pytest
 import soundfile as sf
 import soxr
@@ -13,11 +14,6 @@ from ripper_dist.audio import (AudioError, AudioReader, StemWriter, convert_chan
 from ripper_dist.chunking import MixStats
 
 
-def sdr(ref, est):
-    ref = np.asarray(ref, np.float64)
-    est = np.asarray(est, np.float64)
-    assert ref.shape == est.shape, (ref.shape, est.shape)
-    return 10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - est) ** 2), 1e-30))
 
 
 def signal(frames, channels, sr, seed=0):

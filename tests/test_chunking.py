@@ -6,9 +6,9 @@ import random
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
+from ripper_export.metrics import sdr_db as sdr
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,11 +109,6 @@ def upstream_separate(model, mix, *, shifts=0, overlap=0.25, seed=0, transition_
     return (out * std + mean)[0].numpy()
 
 
-def sdr(ref, est):
-    ref = np.asarray(ref, np.float64)
-    est = np.asarray(est, np.float64)
-    assert ref.shape == est.shape, (ref.shape, est.shape)
-    return 10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - est) ** 2), 1e-30))
 
 
 def make_mix(length, seed=0):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from ripper_export.metrics import sdr_db as sdr
 import pytest
 import soundfile as sf
 import soxr
@@ -39,11 +40,6 @@ def make_bag(n_models=1, weights=None, **kw):
     return DemucsBag([NumpyRunner(seed=i) for i in range(n_models)], weights, CHUNK, SOURCES, 44100, 2, **kw)
 
 
-def sdr(ref, est):
-    ref = np.asarray(ref, np.float64)
-    est = np.asarray(est, np.float64)
-    assert ref.shape == est.shape, (ref.shape, est.shape)
-    return 10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - est) ** 2), 1e-30))
 
 
 def write_input(path, sr, channels, seconds=0.6, seed=0, **kw):
