@@ -12,8 +12,12 @@
     python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P]
         whole-process `ripper-dist separate` (the default, which runs one track locally, and --engine ray) vs the
         upstream `demucs` CLI on the same file.
-    python jobs/bench.py pipeline [--tracks 10] [--seconds 20]
-        the Ray job vs the single-process engine on the same tracks and cores (Ray overhead).
+    python jobs/bench.py pipeline [--seconds 10] [--small 20] [--large 200] [--long-minutes 20]
+        the Ray job around a trivial graph (inference ~free): x-realtime against the one-process ceiling per core,
+        driver CPU per audio second (Ray started apart; the difference of a small and a large job), workers' CPU per
+        audio second, peak RSS of the driver and of the largest Ray worker; WAV PCM_16 and FLAC; short and long tracks.
+    python jobs/bench.py engines  [--tracks 10] [--seconds 20]
+        released-size htdemucs: the Ray job vs the single-process engine on the same tracks and cores.
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
         peak RSS of the Ray driver and peak object-store use: many short tracks vs few, and one long track.
     python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N] [--device cpu|cuda[:N]]
@@ -590,6 +594,28 @@ def bench_pipeline(args) -> None:
           "start-up does not count; the long track: the whole command)")
 
 
+def bench_engines(args) -> None:
+    """Released-size htdemucs (random weights) on a folder of tracks: the local engine vs the Ray job."""
+    prep = _run_measured("prepare", model=args.model, threads=args.threads)
+    repo, name = prep["repo"], prep["name"]
+    tracks = [_track(args.seconds, name=f"t{i}", seed=i) for i in range(args.tracks)]
+    out = _work_dir() / "engines-out"
+    base = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "--repo", str(repo),
+            "-n", name, *map(str, tracks)]
+    local = _run_measured("cli", argv=base + ["--engine", "local", "-o", str(out / "local")])
+    ray_ = _run_measured("cli", argv=base + ["--engine", "ray", "-o", str(out / "ray")])
+    warm = _run_measured("ray_job", argv=base[3:] + ["--engine", "ray", "-o", str(out / "ray-warm")],
+                         start_first=True)
+    audio = args.tracks * args.seconds
+    print(f"# {name}: {args.tracks} tracks x {args.seconds:g} s, local engine vs Ray job; {_machine()}")
+    for label, r in [("local engine (1 process)", local), ("Ray job, whole command", ray_),
+                     ("Ray job on a running Ray", warm)]:
+        print(f"{label:<26} {r['wall_s']:8.2f} s  {audio / r['wall_s']:.3f}x realtime")
+    print(f"Ray vs local: {(ray_['wall_s'] / local['wall_s'] - 1) * 100:+.1f}% for the whole command (starting and "
+          f"stopping the embedded Ray included); {(warm['wall_s'] / local['wall_s'] - 1) * 100:+.1f}% on a running "
+          f"Ray (starting it took {warm['ray_start_s']:.1f} s)")
+
+
 def bench_memory(args) -> None:
     """Driver RSS and object-store peak must not grow with the number of tracks, nor with one long track."""
     from ripper_export.random_demucs import make_bag_repo
@@ -749,7 +775,7 @@ def main(argv=None):
     p.add_argument("--small", type=int, default=20, help="short tracks in the small job")
     p.add_argument("--large", type=int, default=200, help="short tracks in the large job")
     p.add_argument("--long-minutes", type=float, default=20.0)
-    for what in ("engine", "cli"):
+    for what in ("engine", "cli", "engines"):
         p = sub.add_parser(what)
         p.add_argument("--model", default="htdemucs", choices=["htdemucs", "htdemucs_ft", "htdemucs_6s"])
         p.add_argument("--seconds", type=float, default=60.0)
@@ -784,7 +810,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
-    {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "memory": bench_memory,
+    {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "memory": bench_memory,
      "roformer": bench_roformer, "session": bench_session}[args.what](args)
 
 

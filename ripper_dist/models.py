@@ -25,6 +25,7 @@ def export_model(opts) -> ExportedModel:
             raise FileNotFoundError(f"-n {path}: no such ONNX file")
         exported = ExportedModel(path.stem, read_info(path).family, (path,), None)
         return with_precision(exported, precision)
+    if args.model in ROFORMER_FAMILIES:
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:
             raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")

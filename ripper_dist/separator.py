@@ -79,12 +79,11 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
 
 
 def clean_leftovers(job: Job) -> None:
-    """Remove what an interrupted run of these tracks left: span parts and stems' temporary files (never a
-    finished file: those appear by rename only)."""
+    """Remove what an interrupted run left in OUT: span parts of this options key and the stems' temporary files in
+    the job's track folders (never a finished file: those appear by rename only)."""
     import shutil
-    parts = job.out_dir / PARTS_DIR / job.key
-    for t in job.todo:
-        shutil.rmtree(parts / t.track, ignore_errors=True)
+    shutil.rmtree(job.out_dir / PARTS_DIR / job.key, ignore_errors=True)
+    for t in job.tracks:
         folder = job.out_dir / t.track
         if folder.is_dir():
             for p in folder.iterdir():
@@ -164,11 +163,14 @@ def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> 
     t0 = time.monotonic()
     job = plan_job(opts, tracks)
     clean_leftovers(job)
-    if choose_engine(opts, len(job.todo)) == "ray":
-        from .ray_pipeline import run_ray
-        rows = run_ray(job)
-    else:
-        rows = run_local(job)
+    try:
+        if choose_engine(opts, len(job.todo)) == "ray":
+            from .ray_pipeline import run_ray
+            rows = run_ray(job)
+        else:
+            rows = run_local(job)
+    finally:  # also what a worker of a killed earlier run wrote after the cleanup above
+        clean_leftovers(job)
     print(summary(job, rows, time.monotonic() - t0), file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 

@@ -39,37 +39,45 @@ def _graphs(tmp_path):
     return {"demucs": demucs, "roformer": roformer}
 
 
-def _peaks() -> dict[int, int]:
-    out = {}
+def _hwm(pid) -> int:
+    """Peak RSS in bytes of a running process (VmHWM: of its own program, unlike ru_maxrss, which a child inherits
+    from the process that forked it)."""
+    try:
+        return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
+def _ray_workers() -> list[int]:
+    out = []
     for pid in os.listdir("/proc"):
         try:
             if pid.isdigit() and open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::"):
-                out[int(pid)] = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status")
-                                     if line.startswith("VmHWM:")) * 1024
-        except (OSError, StopIteration):
+                out.append(int(pid))
+        except OSError:
             continue
     return out
 
 
 def _run(argv) -> tuple[float, float]:
-    """(peak RSS MB of the command itself, of the largest Ray worker meanwhile)."""
-    peaks, stop = {}, threading.Event()
+    """(peak RSS MB of the command itself, of the largest Ray worker meanwhile), sampled every 0.1 s."""
+    proc = subprocess.Popen([sys.executable, "-m", "ripper_dist.cli", *argv], stderr=subprocess.PIPE, text=True)
+    peaks, stop = {"self": 0, "workers": 0}, threading.Event()
 
     def sample():
         while not stop.is_set():
-            for pid, v in _peaks().items():
-                peaks[pid] = max(peaks.get(pid, 0), v)
-            time.sleep(0.2)
+            peaks["self"] = max(peaks["self"], _hwm(proc.pid))
+            peaks["workers"] = max([peaks["workers"], *(_hwm(p) for p in _ray_workers())])
+            time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    proc = subprocess.Popen([sys.executable, "-m", "ripper_dist.cli", *argv], stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.wait()
     stop.set()
     th.join()
-    assert os.waitstatus_to_exitcode(status) == 0, err[-3000:]
-    return usage.ru_maxrss / 1024, max(peaks.values(), default=0) / 2 ** 20
+    assert proc.returncode == 0, err[-3000:]
+    return peaks["self"] / 2 ** 20, peaks["workers"] / 2 ** 20
 
 
 @pytest.mark.parametrize("family", ["demucs", "roformer"])
