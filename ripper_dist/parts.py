@@ -26,6 +26,24 @@ def parts_root(out_dir: Path, options_key: str) -> Path:
     return Path(out_dir) / PARTS_DIR / options_key
 
 
+def clean_leftovers(out_dir: Path, options_key: str, tracks) -> None:
+    """Remove what an interrupted run (or a worker killed mid-write) left in OUT: the span parts of this options key
+    and the stems' temporary files in the given track folders. Never a finished file: those appear by rename only."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(parts_root(out_dir, options_key), ignore_errors=True)
+    for empty in (out_dir / PARTS_DIR, (out_dir / PARTS_DIR).parent):
+        try:
+            empty.rmdir()  # only if nothing else (another options key, the manifest journal) is in there
+        except OSError:
+            pass
+    for track in tracks:
+        folder = out_dir / track
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name.startswith(".") and p.suffix in (".tmp", ".f32"):
+                    p.unlink(missing_ok=True)
+
+
 class PartWriter:
     """Stream (stems, C, n) blocks into a part file; `close()` publishes it, `abort()` removes it."""
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import time
 import warnings
@@ -40,7 +39,7 @@ import numpy as np
 from .families import Family
 from .manifest import RowContext
 from .options import SeparateOptions
-from .parts import TrackParts, parts_root
+from .parts import TrackParts, clean_leftovers, parts_root
 from .progress import Progress
 from .span_work import TrackPlan, open_reader, plan_track, run_span, stem_sink
 
@@ -415,10 +414,6 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
                     job.manifest.record(row)
                     rows_out.append(row)
             job.manifest.compact()
-            shutil.rmtree(spec.parts_root, ignore_errors=True)
-            for empty in (Path(spec.parts_root).parent, Path(spec.parts_root).parent.parent):
-                try:
-                    empty.rmdir()  # only if nothing else (another options key) is in there
-                except OSError:
-                    pass
+            # parts, and temporary files of a worker killed mid-write (its span or track was redone elsewhere)
+            clean_leftovers(job.out_dir, job.key, [t.track for t in tracks.values()])
     return rows_out

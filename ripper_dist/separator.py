@@ -19,7 +19,7 @@ from .inputs import TrackInput, assign_tracks, expand_inputs
 from .manifest import Manifest, RowContext
 from .models import ModelBundle, export_model
 from .options import SeparateOptions
-from .parts import PARTS_DIR
+from . import parts
 from .progress import Progress
 
 
@@ -79,16 +79,8 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
 
 
 def clean_leftovers(job: Job) -> None:
-    """Remove what an interrupted run left in OUT: span parts of this options key and the stems' temporary files in
-    the job's track folders (never a finished file: those appear by rename only)."""
-    import shutil
-    shutil.rmtree(job.out_dir / PARTS_DIR / job.key, ignore_errors=True)
-    for t in job.tracks:
-        folder = job.out_dir / t.track
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if p.name.startswith(".") and p.suffix in (".tmp", ".f32"):
-                    p.unlink(missing_ok=True)
+    """Remove what an interrupted run left in OUT (see `parts.clean_leftovers`)."""
+    parts.clean_leftovers(job.out_dir, job.key, [t.track for t in job.tracks])
 
 
 def summary(job: Job, rows: list[dict], wall_s: float) -> str:
