@@ -45,7 +45,8 @@ def _from_list(path: Path) -> list[Path]:
 
 
 def expand_inputs(specs: list[str]) -> list[Path]:
-    """Every audio file named by `specs`; missing paths are kept so they get their own failed row."""
+    """Every audio file named by `specs`. A missing path given directly is an error (a typo should fail in a second,
+    before any model is loaded); a missing entry of a list file is kept, so it gets its own failed row."""
     out: list[Path] = []
     for spec in specs:
         p = Path(spec)
@@ -56,6 +57,8 @@ def expand_inputs(specs: list[str]) -> list[Path]:
                 out += expand_inputs([str(item)]) if item.is_dir() else [item]
         elif not p.exists() and any(ch in spec for ch in "*?["):
             out += [Path(f) for f in sorted(glob.glob(spec, recursive=True)) if Path(f).is_file()]
+        elif not p.exists():
+            raise FileNotFoundError(f"input {spec}: no such file or folder")
         else:
             out.append(p)
     seen, unique = set(), []

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ripper_dist.inputs import assign_tracks, expand_inputs
 
@@ -25,8 +26,10 @@ def test_files_folders_globs_lists(tmp_path):
     assert expand_inputs([str(tmp_path / "list.txt")]) == [c.resolve(), b.resolve()]
     assert expand_inputs([str(tmp_path / "list.csv"), str(c)]) == [c.resolve()]
     assert expand_inputs([str(tmp_path / "list.parquet")]) == [a.resolve()]
-    missing = expand_inputs([str(tmp_path / "nope.wav")])
-    assert missing == [(tmp_path / "nope.wav").absolute()]
+    with pytest.raises(FileNotFoundError, match="nope.wav: no such file"):  # a typo on the command line
+        expand_inputs([str(tmp_path / "nope.wav")])
+    (tmp_path / "gone.txt").write_text("nope.wav\n")  # a vanished entry of a list: its own failed row later
+    assert expand_inputs([str(tmp_path / "gone.txt")]) == [(tmp_path / "nope.wav").absolute()]
 
 
 def test_unique_stable_track_names(tmp_path):
