@@ -32,7 +32,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +41,7 @@ from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
 from .progress import Progress
 from .span_work import TrackPlan, open_reader, plan_track, run_span, stem_sink
+from .stem_sink import stem_paths
 
 if TYPE_CHECKING:
     from .separator import Job
@@ -73,7 +73,7 @@ class JobSpec:
         return max(1, n)
 
     def out_paths(self, track: str) -> dict:
-        return {s: Path(self.rows.out_dir) / track / f"{s}.{self.fmt}" for s in self.family.stems}
+        return stem_paths(self.rows.out_dir, track, self.family.stems, self.fmt)
 
     def parts(self, track: str, n_spans: int):
         if self.io is not None:

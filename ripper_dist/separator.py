@@ -21,6 +21,7 @@ from .models import ModelBundle, export_model
 from .options import SeparateOptions
 from . import parts
 from .progress import Progress
+from .stem_sink import stem_paths
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Job:
         return self.opts.out
 
     def stem_paths(self, track: TrackInput) -> dict[str, Path]:
-        return {s: self.out_dir / track.track / f"{s}.{self.opts.format}" for s in self.family.stems}
+        return stem_paths(self.out_dir, track.track, self.family.stems, self.opts.format)
 
     def rows(self, engine: str) -> RowContext:
         return RowContext(str(self.out_dir), self.bundle.name, self.opts.format, self.opts.subtype, self.key, engine)

@@ -13,6 +13,11 @@ import numpy as np
 from .audio import StemWriter
 
 
+def stem_paths(out_dir, track: str, stems, fmt: str) -> dict[str, Path]:
+    """Where a track's stems go: `OUT/<track>/<stem>.<ext>` (one place, for every engine)."""
+    return {s: Path(out_dir) / track / f"{s}.{fmt}" for s in stems}
+
+
 BLOCK = 1 << 16  # model-rate samples per write: the resampler sees the same blocks however the samples arrived
 
 
