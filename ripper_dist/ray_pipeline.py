@@ -10,9 +10,11 @@ Stages of one Ray Dataset, streaming (no barrier, no ordering: a slow span stall
    `SPAN_SECONDS_MAX` long, which bounds every process's memory however long the track. A bad file becomes one row
    carrying its error.
 2. `SpanSeparator` (the actor pool: one actor per GPU, or CPU actors with ORT threads matched to the cores): runs the
-   span (`span_work.run_span`, the same work unit as the local engine) and streams its output into a span part.
+   span (`span_work.run_span`, the same work unit as the local engine) and streams its output into a span part; a
+   CPU actor given a whole track as one span writes its stems directly instead (no part round trip).
 3. `_finish` (CPU tasks): the task that sees the last span of a track claims it, assembles the stems from the parts
-   in order (resampling, clipping, encoding: never on a GPU actor), publishes them and builds the track's row.
+   in order (resampling, clipping, encoding: never on a GPU actor), publishes them and builds the track's row
+   (or passes on the row of a track its actor already wrote).
 
 Filesystems: by default every node reads the inputs and writes OUT directly (NFS or one machine). With
 `--no-shared-fs`, planning and finishing are pinned to the driver's node and the actors read their windows from, and
