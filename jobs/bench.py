@@ -16,6 +16,8 @@
         the Ray job around a trivial graph (inference ~free): x-realtime against the one-process ceiling per core,
         driver CPU per audio second (Ray started apart; the difference of a small and a large job), workers' CPU per
         audio second, peak RSS of the driver and of the largest Ray worker; WAV PCM_16 and FLAC; short and long tracks.
+    python jobs/bench.py scaling  [--nodes 4] [--cpus-per-node 2] [--actors 2 4 8]
+        the driver's CPU per audio second as actors are added, on a simulated cluster (logical CPUs).
     python jobs/bench.py engines  [--tracks 10] [--seconds 20]
         released-size htdemucs: the Ray job vs the single-process engine on the same tracks and cores.
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
@@ -594,6 +596,50 @@ def bench_pipeline(args) -> None:
           "start-up does not count; the long track: the whole command)")
 
 
+def bench_scaling(args) -> None:
+    """The driver's share as actors are added: a simulated multi-node cluster (`ray.cluster_utils.Cluster`, logical
+    CPUs), the trivial graph, the 20/200-track difference per actor count. On a small machine the actors share the
+    same cores, so only the driver's CPU per audio second is the figure here, not the throughput."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only benchmark cluster
+    from ray.cluster_utils import Cluster
+
+    from ripper_export.identity import make_identity_graph
+    work = _work_dir()
+    graph = make_identity_graph(work / "identity" / "identity.onnx")
+    src = Path(_run_measured("track", seconds=args.seconds, name="pipe", seed=1)["path"])
+    folders = {}
+    for n in (args.small, args.large):
+        folder = work / "pipeline" / f"{n}x{args.seconds:g}"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            for i in range(n):
+                os.link(src, folder / f"t{i:05d}.wav")
+        folders[n] = folder
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus_per_node})
+    for _ in range(args.nodes - 1):
+        cluster.add_node(num_cpus=args.cpus_per_node)
+    cluster.wait_for_nodes()
+    rows = []
+    try:
+        cli = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "-n", str(graph),
+               "--engine", "ray", "--address", cluster.address, "--threads", "1"]
+        for actors in args.actors:
+            runs = {n: _driver_run(cli + ["--actors", str(actors), "-o", str(work / "scaling-out" / f"{actors}-{n}"),
+                                          str(folders[n])]) for n in (args.small, args.large)}
+            extra = (args.large - args.small) * args.seconds
+            per_s = (runs[args.large]["driver_cpu_s"] - runs[args.small]["driver_cpu_s"]) / extra
+            rows.append((actors, per_s, args.large * args.seconds / runs[args.large]["wall_s"],
+                         runs[args.large]["driver_rss_mb"]))
+    finally:
+        cluster.shutdown()
+    print(f"# driver share vs actors: {args.nodes} simulated nodes x {args.cpus_per_node} logical CPUs, trivial graph, "
+          f"{args.large} vs {args.small} x {args.seconds:g} s WAV; {_machine()}")
+    print(f"{'actors':>7}{'driver ms/s':>13}{'x-realtime':>12}{'driver RSS':>12}")
+    for actors, per_s, xrt, rss in rows:
+        print(f"{actors:>7}{per_s * 1000:>13.2f}{xrt:>12.1f}{rss:>10.0f}MB")
+
+
 def bench_engines(args) -> None:
     """Released-size htdemucs (random weights) on a folder of tracks: the local engine vs the Ray job."""
     prep = _run_measured("prepare", model=args.model, threads=args.threads)
@@ -775,6 +821,13 @@ def main(argv=None):
     p.add_argument("--small", type=int, default=20, help="short tracks in the small job")
     p.add_argument("--large", type=int, default=200, help="short tracks in the large job")
     p.add_argument("--long-minutes", type=float, default=20.0)
+    p = sub.add_parser("scaling", help="the driver's share as actors are added, on a simulated cluster")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--small", type=int, default=20)
+    p.add_argument("--large", type=int, default=200)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--cpus-per-node", type=int, default=2)
+    p.add_argument("--actors", type=int, nargs="+", default=[2, 4, 8])
     for what in ("engine", "cli", "engines"):
         p = sub.add_parser(what)
         p.add_argument("--model", default="htdemucs", choices=["htdemucs", "htdemucs_ft", "htdemucs_6s"])
@@ -810,7 +863,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
-    {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "memory": bench_memory,
+    {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
      "roformer": bench_roformer, "session": bench_session}[args.what](args)
 
 
