@@ -532,14 +532,9 @@ def _driver_run(argv: list[str]) -> dict:
             "driver_rss_mb": usage.ru_maxrss / 1024, "worker_rss_mb": max(peaks.values(), default=0) / 2 ** 20}
 
 
-def bench_pipeline(args) -> None:
-    """The Ray job around a model that costs nothing: what the pipeline itself sustains, and the driver's share."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ripper_export.identity import make_identity_graph
-    work = _work_dir()
-    graph = make_identity_graph(work / "identity" / "identity.onnx")
-    cores = os.cpu_count()
-    # tracks are made in a child: a 20-minute track in this process would raise the peak RSS its children inherit
+def _short_track_folders(work: Path, args) -> dict[int, Path]:
+    """{n: a folder of n hard links to one short track} for the small and the large job. Tracks are made in a child:
+    a long one made in this process would raise the peak RSS its children inherit."""
     src = Path(_run_measured("track", seconds=args.seconds, name="pipe", seed=1)["path"])
     folders = {}
     for n in (args.small, args.large):
@@ -549,6 +544,17 @@ def bench_pipeline(args) -> None:
             for i in range(n):
                 os.link(src, folder / f"t{i:05d}.wav")
         folders[n] = folder
+    return folders
+
+
+def bench_pipeline(args) -> None:
+    """The Ray job around a model that costs nothing: what the pipeline itself sustains, and the driver's share."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ripper_export.identity import make_identity_graph
+    work = _work_dir()
+    graph = make_identity_graph(work / "identity" / "identity.onnx")
+    cores = os.cpu_count()
+    folders = _short_track_folders(work, args)
     long = Path(_run_measured("track", seconds=args.long_minutes * 60, name="pipe-long", seed=2)["path"])
     out = work / "pipeline-out"
     cli = [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress", "-n", str(graph)]
@@ -607,15 +613,7 @@ def bench_scaling(args) -> None:
     from ripper_export.identity import make_identity_graph
     work = _work_dir()
     graph = make_identity_graph(work / "identity" / "identity.onnx")
-    src = Path(_run_measured("track", seconds=args.seconds, name="pipe", seed=1)["path"])
-    folders = {}
-    for n in (args.small, args.large):
-        folder = work / "pipeline" / f"{n}x{args.seconds:g}"
-        if not folder.exists():
-            folder.mkdir(parents=True)
-            for i in range(n):
-                os.link(src, folder / f"t{i:05d}.wav")
-        folders[n] = folder
+    folders = _short_track_folders(work, args)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus_per_node})
     for _ in range(args.nodes - 1):
         cluster.add_node(num_cpus=args.cpus_per_node)

@@ -9,6 +9,7 @@ bundle (`ModelBundle.runners`) where the work runs.
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
@@ -120,10 +121,8 @@ class DemucsFamily(Family):
 
     def __init__(self, bag, opts: SeparateOptions):
         """bag: an `engine.DemucsBag` (its runners are not used here: only its plan, weights and shapes)."""
-        from .engine import DemucsBag
         self.name = bag.name
-        self.planner = DemucsBag([_Shape(c) for c in bag.chunk_samples], bag.weights, bag.segment_samples,
-                                 bag.sources, bag.sample_rate, bag.channels, bag.input_samples, name=bag.name)
+        self.planner = dataclasses.replace(bag, runners=[_Shape(c) for c in bag.chunk_samples])
         self.sample_rate, self.channels = self.planner.sample_rate, self.planner.channels
         self.outputs = list(self.planner.sources)
         self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)

@@ -47,13 +47,7 @@ def _seconds(value) -> float:
     """A row's timestamp as seconds (rows from the journal hold floats, rows from Parquet datetimes)."""
     if value is None:
         return 0.0
-    if hasattr(value, "timestamp"):
-        return value.timestamp()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        import datetime
-        return datetime.datetime.fromisoformat(str(value)).timestamp()
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def normalise_row(row: dict) -> dict:
