@@ -325,7 +325,7 @@ def child_ray_job(argv: list[str], start_first: bool = False) -> dict:
     if start_first:
         import ray
         t = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray_start = time.perf_counter() - t
     base, peak, stop = _shm_used(), [0], threading.Event()
 

@@ -264,7 +264,7 @@ class RayEngine:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=self.opts.num_cpus or os.cpu_count(), **kwargs)
+                ray.init(address="local", num_cpus=self.opts.num_cpus or os.cpu_count(), **kwargs)
             self.started_here = True
         return self
 

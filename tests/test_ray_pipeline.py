@@ -263,7 +263,7 @@ def _cpu_runners(graphs, device, threads, max_batch):
 
 def test_one_actor_per_logical_gpu(env):
     """Two logical GPUs: two actors, each given its own GPU by Ray (ORT itself runs on the CPU here)."""
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
         out = env.dir / "gpus"
         opts = SeparateOptions(inputs=(str(env.inp),), out=out, model="tiny", repo=env.repo, subtype="FLOAT",
