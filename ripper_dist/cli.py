@@ -87,6 +87,9 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                         "the stems; workers get model-rate windows and send back their separated spans over Ray")
     g.add_argument("--force", action="store_true", help="redo tracks already done in OUT")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--evaluate", type=Path, metavar="REF_DIR",
+                   help="then score the stems against references (MUSDB18-HQ or <track>/<stem>.wav) into "
+                        "OUT/evaluation.parquet (as `ripper-dist evaluate`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("separate", help="separate tracks into stems")
     _add_separate_args(p)
+
+    p = sub.add_parser("evaluate", help="score separated stems against reference stems (BSS Eval v4, SDR, SI-SDR)")
+    p.add_argument("out", type=Path, metavar="OUT", help="a separate command's output folder (its metadata.parquet)")
+    p.add_argument("references", type=Path, metavar="REF_DIR",
+                   help="MUSDB18-HQ root (train/test/<track>/<stem>.wav) or any <track>/<stem>.wav folder")
+    p.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
+                   help="ray: one task per track (the embedded local Ray or --address); auto: ray for several tracks")
+    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--force", action="store_true", help="re-evaluate tracks already scored")
     return parser
 
 
@@ -159,7 +172,23 @@ def separate_options(args) -> "SeparateOptions":
 
 def cmd_separate(args) -> int:
     from .separator import run_separation
-    return run_separation(separate_options(args))
+    opts = separate_options(args)
+    if args.evaluate is not None and not args.evaluate.is_dir():
+        raise ValueError(f"--evaluate: {args.evaluate} is not a folder")
+    rc = run_separation(opts)
+    if args.evaluate is not None:
+        from .evaluate import EvaluateOptions, run_evaluation
+        rc = max(rc, run_evaluation(EvaluateOptions(out=opts.out, references=args.evaluate, engine=opts.engine,
+                                                     address=opts.address, num_cpus=opts.num_cpus,
+                                                     verbose=opts.verbose))[1])
+    return rc
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import EvaluateOptions, run_evaluation
+    return run_evaluation(EvaluateOptions(out=args.out, references=args.references, engine=args.engine,
+                                          address=args.address, num_cpus=args.num_cpus, force=args.force,
+                                          verbose=args.verbose))[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate}[args.command](args)
+        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate,
+                "evaluate": cmd_evaluate}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
