@@ -34,7 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-n", "--name", "--model", dest="model", default="htdemucs",
                    help="released Demucs model (htdemucs, htdemucs_ft, htdemucs_6s), a bag/signature in --repo, or "
-                        "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs)")
+                        "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs); "
+                        "several, comma-separated, for an ensemble (--ensemble)")
     g.add_argument("--repo", type=Path, help="local Demucs repo: NAME.yaml bags and <sig>[-<sha8>].th files")
     g.add_argument("--checkpoint", type=Path, help="a single checkpoint: Demucs .th, or a RoFormer .ckpt/.pth")
     g.add_argument("--config", type=Path, help="RoFormer YAML config shipped with the checkpoint")
@@ -64,6 +65,10 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                    help="chain: split the STEM this model wrote with MODEL (a Demucs name, or a bag in --then-repo); "
                         "stems land in OUT/STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... --then other=htdemucs")
     g.add_argument("--then-repo", type=Path, help="local Demucs repo for the --then models")
+    g.add_argument("--ensemble", default="avg_wave", metavar="ALGO",
+                   help="with -n a,b (models with the same stems and rate): avg_wave (default), median_wave, "
+                        "min_wave, max_wave, avg_fft, median_fft, min_fft or max_fft")
+    g.add_argument("--ensemble-weights", metavar="W1,W2", help="weights of the -n models for avg_wave/avg_fft")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=["wav", "flac"], default="wav")
     g.add_argument("--flac", action="store_const", const="flac", dest="format", help="same as --format flac")
@@ -167,7 +172,8 @@ def separate_options(args) -> "SeparateOptions":
         two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
         device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,
-        verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo)
+        verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo, ensemble=args.ensemble,
+        ensemble_weights=args.ensemble_weights)
 
 
 def cmd_separate(args) -> int:
