@@ -43,6 +43,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: graphs with convolutions, attention and feed-forward layers in half precision (for "
                         "GPUs; the STFT, norms and reductions stay fp32), checked against fp32 when converted")
+    g.add_argument("--explain", action="store_true",
+                   help="explanation graphs: Demucs also writes each stem's time-branch and spectral-branch terms "
+                        "(STEM.time, STEM.spec; they sum to STEM), RoFormer each stem's per-band masks "
+                        "(STEM.masks.npy, bands x frames); `ripper-dist report` draws them")
 
 
 def _add_separate_args(p: argparse.ArgumentParser) -> None:
@@ -167,8 +171,8 @@ def separate_options(args) -> "SeparateOptions":
     from .options import SeparateOptions, parse_then
     return SeparateOptions(
         inputs=tuple(args.inputs), out=args.out, model=args.model, repo=args.repo, checkpoint=args.checkpoint,
-        config=args.config, precision=args.precision, shifts=args.shifts, seed=args.seed, overlap=args.overlap,
-        segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
+        config=args.config, precision=args.precision, explain=args.explain, shifts=args.shifts, seed=args.seed,
+        overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
         two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
         device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,

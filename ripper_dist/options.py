@@ -32,6 +32,7 @@ class SeparateOptions:
     checkpoint: Path | None = None
     config: Path | None = None
     precision: str = "fp32"
+    explain: bool = False  # explanation graphs: Demucs branch terms, RoFormer band masks (extra files per stem)
     # chunking (None = the family's default; a family refuses the ones it cannot honour)
     shifts: int = 0
     seed: int = 0
@@ -120,6 +121,8 @@ class SeparateOptions:
                 bad(f"--{name.replace('_', '-')}", f"{v} must be >= 1")
         if self.engine not in ENGINES:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
+        if self.explain and not self.shared_fs:
+            bad("--explain", "needs a shared filesystem (the band masks are written beside the parts)")
         if not self.shared_fs and self.engine == "local":
             bad("--no-shared-fs", "is a Ray job option: it does nothing with --engine local")
         members = self.members
