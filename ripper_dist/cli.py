@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     p.add_argument("--force", action="store_true", help="re-evaluate tracks already scored")
+
+    p = sub.add_parser("report", help="HTML pages of a job: metadata, spectrograms, players, loudness, scores")
+    p.add_argument("out", type=Path, metavar="OUT", help="a separate command's output folder")
     return parser
 
 
@@ -194,6 +197,11 @@ def cmd_separate(args) -> int:
     return rc
 
 
+def cmd_report(args) -> int:
+    from .report import main as report_main
+    return report_main(args.out)
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import EvaluateOptions, run_evaluation
     return run_evaluation(EvaluateOptions(out=args.out, references=args.references, engine=args.engine,
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate,
-                "evaluate": cmd_evaluate}[args.command](args)
+                "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
