@@ -121,6 +121,8 @@ class SeparateOptions:
                 bad(f"--{name.replace('_', '-')}", f"{v} must be >= 1")
         if self.engine not in ENGINES:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
+        if self.explain and len(self.members) > 1:
+            bad("--explain", "explains one model: run it without an ensemble (-n a,b)")
         if self.explain and not self.shared_fs:
             bad("--explain", "needs a shared filesystem (the band masks are written beside the parts)")
         if not self.shared_fs and self.engine == "local":
