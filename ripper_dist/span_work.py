@@ -32,6 +32,17 @@ class TrackPlan:
     input_size: int = -1      # the input as planned: a file changed or deleted before its stems are published fails
     input_mtime_ns: int = -1
 
+    def to_row(self) -> dict:
+        d = asdict(self)
+        d["spans"] = [list(s) for s in self.spans]
+        return d
+
+    @classmethod
+    def from_row(cls, d: dict) -> "TrackPlan":
+        d = dict(d)
+        d["spans"] = tuple(tuple(int(v) for v in s) for s in d["spans"])
+        return cls(**d)
+
 
 class InputChangedError(OSError):
     """The input was changed or deleted while it was being separated: its stems would mix two versions."""
@@ -46,17 +57,6 @@ def check_unchanged(path, plan: "TrackPlan") -> None:
     if plan.input_size >= 0 and (st.st_size, st.st_mtime_ns) != (plan.input_size, plan.input_mtime_ns):
         raise InputChangedError(f"{path}: changed during separation (its stems were not published; a rerun "
                                 "separates the new version)")
-
-    def to_row(self) -> dict:
-        d = asdict(self)
-        d["spans"] = [list(s) for s in self.spans]
-        return d
-
-    @classmethod
-    def from_row(cls, d: dict) -> "TrackPlan":
-        d = dict(d)
-        d["spans"] = tuple(tuple(int(v) for v in s) for s in d["spans"])
-        return cls(**d)
 
 
 def open_reader(family: Family, path) -> AudioReader:
