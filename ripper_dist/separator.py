@@ -82,8 +82,12 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         if not tracks:
             raise ValueError("no input files found")
     check_writable(opts.out)  # before any export or track: a read-only or full OUT is a setup error (exit 2)
-    bundle = ModelBundle.from_exported(export_model(opts))
-    family = family_for(bundle, opts)
+    if opts.is_ensemble:
+        from .ensemble import load_ensemble
+        bundle, family = load_ensemble(opts)
+    else:
+        bundle = ModelBundle.from_exported(export_model(opts))
+        family = family_for(bundle, opts)
     key = options_key(resume_options(opts, bundle, family))
     manifest = Manifest(opts.out)
     todo, skipped = [], 0
