@@ -27,7 +27,10 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 def one_line(e: BaseException) -> str:
-    """`Type: first line of the message` (at most MAX_LINE characters); disk full named as such."""
+    """`Type: first line of the message` (at most MAX_LINE characters); disk full named as such. An error raised in
+    another Ray task (e.g. the `--no-shared-fs` reader) is described by its cause."""
+    while isinstance(getattr(e, "cause", None), BaseException):  # ray.exceptions.RayTaskError
+        e = e.cause
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         msg = f"{e.strerror}: {e.filename}"
