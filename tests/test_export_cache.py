@@ -41,6 +41,10 @@ def test_second_run_exports_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_demucs", lambda model, out, **k: out.write_bytes(good))  # as exported
     again = export_demucs_source(resolve_demucs("bag", repo=repo))
     assert graph_problem(graph) is None and ModelBundle.from_exported(again).info.family == "htdemucs"
+    graph.write_bytes(good)  # the same bytes, written again: its mtime differs, its sha256 matches the record
+    assert graph_problem(graph) is None
+    graph.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one bit flipped, same size
+    assert "sha256" in graph_problem(graph)
     monkeypatch.setattr(onnx_export, "export_demucs", refuse)
     # another bag segment is another export
     (repo / "bag.yaml").write_text((repo / "bag.yaml").read_text() + "segment: 1.0\n")
