@@ -272,3 +272,33 @@ def test_stuck_ray_job_ends_with_timeout_rows(world, tmp_path):
     assert time.monotonic() - t0 < 180
     df = _rows(out)
     assert (df.status == "failed").all() and df.error.str.startswith("TrackTimeoutError").all(), df.error.tolist()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_ctrl_c_exits_130_and_the_rerun_cleans_up_and_finishes(world, tmp_path, engine):
+    """SIGINT mid-run (a temporary stem file exists): exit 130 with one line; the rerun removes whatever the
+    interrupted run left, finishes, and leaves no temporary file."""
+    import signal
+    _, graphs = world
+    track = tmp_path / "in" / "long.wav"
+    track.parent.mkdir()
+    with sf.SoundFile(track, "w", 44100, 2, subtype="PCM_16") as f:  # 8 minutes, written a minute at a time
+        for k in range(8):
+            f.write(np.random.default_rng(k).uniform(-0.3, 0.3, (44100 * 60, 2)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = [*CLI, "-n", str(graphs["demucs"]), "--engine", engine, "--num-cpus", "2", "-o", str(out), str(track)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.name.startswith(".") for p in out.rglob("*") if p.is_file() and ".wav." in p.name) or \
+                any((out / ".ripper-dist" / "parts").rglob("*.f32")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (out / "long").iterdir()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert not (out / ".ripper-dist" / "parts").exists()
