@@ -31,11 +31,12 @@ def _make(tmp_path_factory) -> SimpleNamespace:
     saved = os.environ.get("RIPPER_DIST_CACHE")
     os.environ["RIPPER_DIST_CACHE"] = str(root / "cache")
     try:
-        common = ["separate", str(track), "--engine", "local", "--no-progress", "--subtype", "FLOAT",
-                  "--clip-mode", "none", "--explain"]
-        assert main([*common, "-o", str(root / "demucs"), "--repo", str(repo), "-n", "tiny"]) == 0
+        common = ["separate", str(track), "--no-progress", "--subtype", "FLOAT", "--clip-mode", "none", "--explain"]
+        # Demucs through the Ray job, RoFormer through the local engine: --explain works in both
+        assert main([*common, "-o", str(root / "demucs"), "--repo", str(repo), "-n", "tiny", "--engine", "ray",
+                     "--num-cpus", "2"]) == 0
         assert main([*common, "-o", str(root / "roformer_out"), "-n", "mel_band_roformer", "--config", str(config),
-                     "--checkpoint", str(ckpt)]) == 0
+                     "--checkpoint", str(ckpt), "--engine", "local"]) == 0
     finally:
         if saved is None:
             os.environ.pop("RIPPER_DIST_CACHE", None)

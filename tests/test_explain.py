@@ -22,6 +22,7 @@ STEMS = ("drums", "bass", "other", "vocals")
 def test_demucs_branches_sum_to_the_stems_which_equal_upstream(tmp_path_factory):
     ex = explained(tmp_path_factory)
     row = pd.read_parquet(ex.demucs / "metadata.parquet").iloc[0]
+    assert row.engine == "ray"
     paths = dict(row.stem_paths)
     assert sorted(paths) == sorted([*STEMS, *(f"{s}.time" for s in STEMS), *(f"{s}.spec" for s in STEMS)])
     ref = upstream_stems(ex.track, repo=ex.repo, name="tiny")
