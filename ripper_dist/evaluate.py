@@ -18,12 +18,14 @@ runs them here: files are read with soundfile); the `eval` extra installs a pack
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,15 +110,12 @@ def bss_eval(refs: np.ndarray, ests: np.ndarray, sample_rate: int, win_s: float 
                 "frames": np.full(len(refs), sdr.shape[1])}
 
 
-class _quiet_nan_warnings:
-    def __enter__(self):
-        import warnings
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+@contextlib.contextmanager
+def _quiet_nan_warnings():
+    """nanmedian of all-NaN frames (a silent reference) warns; NaN is the answer we want."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
+        yield
 
 
 # -- pairing references and estimates --------------------------------------------------------------------------------
