@@ -172,7 +172,7 @@ def htdemucs_metadata(model, chunk_samples: int, *, opset: int, parity_sdr_db: f
 
 def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_samples: int | None = None,
                   opset: int = 17, min_parity_db: float = 60.0, metadata: dict | None = None,
-                  check_batch: int = 2) -> dict:
+                  check_batch: int = 2, explain: bool = False) -> dict:
     """Export an HTDemucs model to `out_path` (ONNX) and return the metadata written into it.
 
     model_or_package: an upstream `HTDemucs` instance, a package dict (`load_demucs_package`), or a `.th` path
@@ -182,11 +182,14 @@ def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_sample
     The graph is traced with the legacy exporter (`dynamo=False`), input `mix` (batch dynamic), output `stems`.
     Parity: ONNX Runtime (CPU) vs the upstream torch forward on one random batch of `check_batch`; `ParityError`
     when the SDR is below `min_parity_db`. The file appears at `out_path` only after the check passed (atomic).
+    explain: the explanation graph: sources `S + S.time + S.spec` (the output, then the time-branch and the
+    spectral-branch terms HTDemucs sums); the output is checked as above and the sum of the two branches against it
+    (`ripper.explain_sum_sdr_db`, also >= `min_parity_db`).
     """
     from .htdemucs import OnnxHTDemucs
 
     model, sha = _resolve_model(model_or_package)
-    wrapper = OnnxHTDemucs(model, chunk_samples).eval()
+    wrapper = OnnxHTDemucs(model, chunk_samples, explain=explain).eval()
     chunk = wrapper.chunk_samples
     channels = wrapper.audio_channels
     out_path = Path(out_path)
@@ -208,6 +211,17 @@ def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_sample
             )
             ref = model(check_input).numpy()
         est = ort_run(tmp, {"mix": check_input.numpy()})[0]
+        extra = dict(metadata or {})
+        n_src = len(wrapper.sources)
+        if explain:
+            est, time_branch, spec_branch = est[:, :n_src], est[:, n_src:2 * n_src], est[:, 2 * n_src:]
+            branch_sum = sdr_db(est, time_branch + spec_branch)
+            if not branch_sum >= min_parity_db:
+                raise ParityError(f"time + spectral branch vs output: SDR {branch_sum:.2f} dB < {min_parity_db} dB",
+                                  branch_sum)
+            extra.update({"ripper.explain": "branches", "ripper.explain_sum_sdr_db": f"{branch_sum:.2f}",
+                          "ripper.sources": json.dumps([*wrapper.sources, *(f"{s}.time" for s in wrapper.sources),
+                                                        *(f"{s}.spec" for s in wrapper.sources)])})
         if est.shape != ref.shape:
             raise ParityError(f"ONNX output shape {est.shape} != torch {ref.shape}", float("-inf"))
         sdr = sdr_db(ref, est)
@@ -215,10 +229,9 @@ def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_sample
             raise ParityError(f"ONNX Runtime vs upstream torch: SDR {sdr:.2f} dB < {min_parity_db} dB", sdr)
 
         meta = htdemucs_metadata(model, chunk, opset=opset, parity_sdr_db=sdr, checkpoint_sha256=sha,
-                                 extra=metadata)
-        n_src = len(wrapper.sources)
+                                 extra=extra)
         set_metadata(tmp, meta, shapes={"mix": ["batch", channels, chunk],
-                                        "stems": ["batch", n_src, channels, chunk]})
+                                        "stems": ["batch", n_src * (3 if explain else 1), channels, chunk]})
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():

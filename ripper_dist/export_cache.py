@@ -143,10 +143,13 @@ def onnx_root() -> Path:
 
 
 def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int = DEFAULT_OPSET,
-                         out_root: Path | None = None) -> Path:
-    """Path of the cached graph for one checkpoint, exporting it on a miss."""
+                         out_root: Path | None = None, explain: bool = False) -> Path:
+    """Path of the cached graph for one checkpoint, exporting it on a miss (explain: the explanation graph, with
+    the time- and spectral-branch terms as extra outputs)."""
     sha = sha256_file(checkpoint)
     options = {"family": "htdemucs", "segment": segment, "opset": opset, "export_version": EXPORT_VERSION}
+    if explain:
+        options["explain"] = True
     out = (out_root or onnx_root()) / "htdemucs" / _key(sha, options) / "model.onnx"
 
     def make(out: Path) -> None:
@@ -158,25 +161,29 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
         model = build_demucs_model(load_demucs_package(checkpoint))
         if segment is not None and segment <= float(model.segment):
             model.segment = segment  # upstream BagOfModels rule for HTDemucs
-        export_demucs(model, out, opset=opset, metadata={
+        export_demucs(model, out, opset=opset, explain=explain, metadata={
             "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
             "ripper.export_options": json.dumps(options, sort_keys=True)})
 
     return cached_graph(out, make)
 
 
-def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, out_root: Path | None = None) -> ExportedModel:
-    paths = tuple(export_demucs_member(m.path, segment=source.segment, opset=opset, out_root=out_root)
-                  for m in source.members)
+def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, out_root: Path | None = None,
+                         explain: bool = False) -> ExportedModel:
+    paths = tuple(export_demucs_member(m.path, segment=source.segment, opset=opset, out_root=out_root,
+                                       explain=explain) for m in source.members)
     return ExportedModel(source.name, "htdemucs", paths, source.weights)
 
 
 def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int = DEFAULT_OPSET,
-                    out_root: Path | None = None) -> ExportedModel:
-    """Cached graph for a RoFormer checkpoint + its YAML config (both hashed into the key)."""
+                    out_root: Path | None = None, explain: bool = False) -> ExportedModel:
+    """Cached graph for a RoFormer checkpoint + its YAML config (both hashed into the key); explain: the graph that
+    also outputs the per-band masks."""
     sha = sha256_file(checkpoint)
     options = {"family": family, "config_sha256": sha256_file(config), "opset": opset,
                "export_version": EXPORT_VERSION}
+    if explain:
+        options["explain"] = True
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
 
     def make(out: Path) -> None:
@@ -192,6 +199,7 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             _export(config, checkpoint, out, family=family, opset=opset, check_reference=check_reference,
+                    explain=explain,
                     metadata={"ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
                               "ripper.export_options": json.dumps(options, sort_keys=True)})
         except RoformerKeyError as e:  # a checkpoint that does not fit the config: the user's to fix

@@ -202,6 +202,15 @@ class OnnxRunner:
             k += len(piece)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def run_explained(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An explanation graph's two outputs, `stems` and `band_masks` (no I/O binding: `--explain` is a look
+        inside, not the fast path)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        step = self.max_batch or len(batch)
+        outs = [self.session.run(["stems", "band_masks"], {self._input: batch[k:k + step]})
+                for k in range(0, len(batch), step)]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
     def _run(self, batch: np.ndarray, run_options=None) -> np.ndarray:
         if not self._bind or self._out_item is None:
             return self.session.run([self._output], {self._input: batch}, run_options)[0]

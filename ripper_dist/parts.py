@@ -71,6 +71,13 @@ class PartWriter:
         self._f.write(frames.tobytes())
         self.samples += block.shape[-1]
 
+    def side(self, name: str, arrays: dict) -> None:
+        """Per-stem arrays that are not audio (`--explain`'s band masks): `<part>.<name>.npz`, published before the
+        part itself, so a complete part has them."""
+        from .atomic import atomic_path
+        with atomic_path(self.path.with_name(f"{self.path.name}.{name}.npz")) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
     def close(self) -> Path:
         self._f.close()
         os.replace(self._tmp, self.path)
@@ -131,6 +138,13 @@ class TrackParts:
             return True
         except FileExistsError:
             return False
+
+    def sides(self) -> Iterator[tuple[str, dict]]:
+        """(name, {stem: array}) saved beside the parts by `PartWriter.side`."""
+        for k in range(self.n_spans):
+            for f in sorted(self.dir.glob(f"{self.part(k).name}.*.npz")):
+                with np.load(f) as data:
+                    yield f.name[len(self.part(k).name) + 1:-len(".npz")], {n: data[n] for n in data.files}
 
     def blocks(self, stems: int, channels: int) -> Iterator[np.ndarray]:
         for k in range(self.n_spans):
