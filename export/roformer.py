@@ -80,8 +80,15 @@ class RoformerKeyError(KeyError):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
         parts = []
 
-        def few(items):  # a config off by a lot would list a million keys: name a few and count them
-            return ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
+        def few(items, budget=1500):  # a config off by a lot would list a million keys: name some, count the rest
+            shown, used = [], 0
+            for item in items:
+                if used + len(item) > budget:
+                    break
+                shown.append(item)
+                used += len(item) + 2
+            rest = len(items) - len(shown)
+            return ", ".join(shown) + (f", ... ({rest} more)" if rest else "")
         if self.missing:
             parts.append(f"missing keys ({len(self.missing)}): {few(self.missing)}")
         if self.unexpected:

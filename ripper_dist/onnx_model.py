@@ -189,7 +189,7 @@ class OnnxRunner:
         while k < len(batch):
             piece = batch[k:k + (self.max_batch or len(batch))]
             try:
-                parts.append(self._run(piece, run_options))
+                parts.append(self._run(piece) if run_options is None else self._run(piece, run_options))
             except Exception as e:  # noqa: BLE001 - only an allocation failure on a GPU is retried
                 from .gpu_memory import is_out_of_memory
                 if not (self.on_gpu and len(piece) > 1 and is_out_of_memory(e)):

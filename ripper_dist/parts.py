@@ -22,8 +22,9 @@ from .atomic import write_text
 
 PARTS_DIR = ".ripper-dist/parts"
 #: Temporary names this package writes beside a stem (`StemWriter`: `.<stem>.<ext>.<12 hex>.tmp|.f32`; `atomic_path`:
-#: `.<name>.<8 random>.tmp`): the only files the cleanup removes from a track folder.
-TEMP_NAME = re.compile(r"^\.[^/]+\.(wav|flac)\.([0-9a-f]{12}\.(tmp|f32)|[a-z0-9_]{8}\.tmp)$")
+#: `.<name>.<8 random>.tmp`, also for `--explain`'s `.npy` files): the only files the cleanup removes from a track
+#: folder.
+TEMP_NAME = re.compile(r"^\.[^/]+\.(wav|flac|npy)\.([0-9a-f]{12}\.(tmp|f32)|[a-z0-9_]{8}\.tmp)$")
 
 
 def parts_root(out_dir: Path, options_key: str) -> Path:
