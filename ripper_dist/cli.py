@@ -165,6 +165,10 @@ def cmd_export(args) -> int:
         checks = [f"{meta['ripper.parity_sdr_db']} dB from upstream torch"] if "ripper.parity_sdr_db" in meta else []
         if "ripper.fp16_sdr_db" in meta:
             checks.append(f"fp16: {meta['ripper.fp16_sdr_db']} dB from fp32")
+        if "ripper.explain_sum_sdr_db" in meta:
+            checks.append(f"explanation: time + spectral branch {meta['ripper.explain_sum_sdr_db']} dB from the output")
+        if "ripper.explain_masks_sdr_db" in meta:
+            checks.append(f"explanation: band masks {meta['ripper.explain_masks_sdr_db']} dB from torch")
         print(p, f"({'; '.join(checks)})" if checks else "")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)

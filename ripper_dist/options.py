@@ -132,7 +132,7 @@ class SeparateOptions:
         if self.explain and len(self.members) > 1:
             bad("--explain", "explains one model: run it without an ensemble (-n a,b)")
         if self.explain and not self.shared_fs:
-            bad("--explain", "needs a shared filesystem (the band masks are written beside the parts)")
+            bad("--explain", "needs a shared filesystem (RoFormer band masks are written beside the span parts)")
         if not self.shared_fs and self.engine == "local":
             bad("--no-shared-fs", "is a Ray job option: it does nothing with --engine local")
         members = self.members
