@@ -166,7 +166,9 @@ def cmd_export(args) -> int:
         if "ripper.fp16_sdr_db" in meta:
             checks.append(f"fp16: {meta['ripper.fp16_sdr_db']} dB from fp32")
         if "ripper.explain_sum_sdr_db" in meta:
-            checks.append(f"explanation: time + spectral branch {meta['ripper.explain_sum_sdr_db']} dB from the output")
+            db = meta["ripper.explain_sum_sdr_db"]
+            checks.append("explanation: time + spectral branch " + ("equal to" if db == "inf" else f"{db} dB from")
+                          + " the output")
         if "ripper.explain_masks_sdr_db" in meta:
             checks.append(f"explanation: band masks {meta['ripper.explain_masks_sdr_db']} dB from torch")
         print(p, f"({'; '.join(checks)})" if checks else "")
