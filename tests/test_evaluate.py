@@ -48,12 +48,14 @@ def job(tmp_path_factory):
             if track == "Broken" and s == "drums":
                 rate = 11025  # a rate mismatch
             if track == "Broken" and s == "vocals":
-                continue      # a missing stem
+                est = est[:-100]  # a length mismatch
             rel = f"mixture-{k}/{s}.wav"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             sf.write(out / rel, est, rate, subtype="FLOAT")
             paths[s] = rel
             estimates[(track, s)] = (x, est)
+        if track == "Broken":  # a reference stem the model did not write
+            sf.write(refs / track / "guitar.wav", _music(rng, n), SR, subtype="FLOAT")
         manifest.record({"input_path": str(refs / track / "mixture.wav"), "track": f"mixture-{k}",
                          "status": "done", "model": "tiny", "stem_paths": paths})
     manifest.compact()
@@ -69,11 +71,12 @@ def _si_sdr(ref, est):
 def test_numbers_match_museval_and_formulas_and_bad_pairs_are_rows(job):
     refs, out, estimates = job
     rows, rc = run_evaluation(EvaluateOptions(out=out, references=refs, engine="local"))
-    assert rc == 1  # the broken track's two stems failed
+    assert rc == 1  # three stems of the broken track failed
     df = pd.DataFrame(rows).set_index(["track", "stem"])
-    assert len(df) == 9 and (df.model == "tiny").all()
+    assert len(df) == 10 and (df.model == "tiny").all()
     assert "sample rates differ" in df.loc[("Broken", "drums"), "error"]
-    assert "no separated 'vocals' stem" in df.loc[("Broken", "vocals"), "error"]
+    assert "shapes differ: reference 16000 frames" in df.loc[("Broken", "vocals"), "error"]
+    assert "no separated 'guitar' stem" in df.loc[("Broken", "guitar"), "error"]
     assert df.loc[("Broken", "bass"), "status"] == "done"  # its good stem is still scored
     museval = _museval()
     for track in ("Artist - One", "Artist - Two"):
@@ -92,7 +95,7 @@ def test_numbers_match_museval_and_formulas_and_bad_pairs_are_rows(job):
     # the noisier stems score lower: the numbers are not constants
     assert df.loc[("Artist - One", "bass"), "sdr_track"] > df.loc[("Artist - One", "vocals"), "sdr_track"] + 3
     saved = pd.read_parquet(out / EVALUATION)
-    assert len(saved) == 9
+    assert len(saved) == 10
 
 
 def test_rerun_skips_unchanged_and_ray_engine_agrees(job, tmp_path, capsys):
@@ -119,7 +122,7 @@ def test_rerun_skips_unchanged_and_ray_engine_agrees(job, tmp_path, capsys):
     rc = main(["evaluate", str(out2), str(refs), "--engine", "ray", "--num-cpus", "2", "--force"])
     assert rc == 1
     table = capsys.readouterr().err
-    assert "vocals" in table and "sdr_track" in table and "failed: tiny Broken vocals" in table
+    assert "vocals" in table and "sdr_track" in table and "failed: tiny Broken guitar" in table
     ray_rows = done(pd.read_parquet(out2 / EVALUATION).to_dict("records"))
     for k, r in done(third).items():
         for m in ("sdr", "sir", "isr", "sar", "sdr_track", "si_sdr"):
