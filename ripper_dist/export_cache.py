@@ -66,7 +66,7 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     export_demucs(model, out, opset=opset, metadata={
         "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
-        "ripper.export_options": json.dumps(options, sort_keys=True)})
+        "ripper.export_options": json.dumps(options, sort_keys=True)}, progress=sys.stderr)
     return out
 
 
