@@ -74,6 +74,9 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                    help="avoid clipping: rescale a stem that peaks above 1 (default, as demucs), clamp, or none")
     g = p.add_argument_group("execution")
     g.add_argument("-d", "--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (default cpu)")
+    g.add_argument("--backend", choices=["auto", "ort", "openvino"], default="auto",
+                   help="CPU runtime for the ONNX graph: ONNX Runtime, OpenVINO (if installed), or auto (default): "
+                        "measured once per machine and model, OpenVINO only when >= 10%% faster")
     g.add_argument("-j", "--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     g.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
                    help="ray (an embedded local Ray, or the cluster at --address), local (one process), or auto "
@@ -152,7 +155,7 @@ def separate_options(args) -> "SeparateOptions":
         config=args.config, precision=args.precision, shifts=args.shifts, seed=args.seed, overlap=args.overlap,
         segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
         two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
-        device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
+        device=args.device, backend=args.backend, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,
         verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo)
 

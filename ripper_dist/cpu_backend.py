@@ -151,6 +151,11 @@ def resolve(backend: str, device: str, graph: bytes, threads: int | None, **kw) 
     return chosen, runners[chosen]
 
 
+def backend_of(runners) -> str:
+    """The backend name of built runners (for the metadata row): `ort`, `openvino`, or '' for injected runners."""
+    return next((getattr(r, "backend", "") for r in runners if r is not None and hasattr(r, "backend")), "")
+
+
 def make_runners(graphs: list, device: str, threads: int | None, backend: str = "auto", **kw) -> list:
     """One runner per graph (None stays None: a sub-model no selected stem needs). `auto` is resolved on the first
     graph and applies to all (a bag's members share an architecture)."""

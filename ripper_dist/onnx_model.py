@@ -161,6 +161,8 @@ class OnnxRunner:
     allocate halves `max_batch` and is retried, so a batch never dies of memory while one chunk still fits.
     """
 
+    backend = "ort"
+
     def __init__(self, model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
                  *, profile: str | None = None, spin: bool = True, bind: bool | None = None,
                  max_batch: int | None = None):

@@ -33,6 +33,7 @@ class OpenVinoRunner:
     full batch and a track's last, shorter one. CPU only: `fit_to_gpu` leaves the batch as it is.
     """
 
+    backend = "openvino"
     on_gpu = False
     calibration = None
 

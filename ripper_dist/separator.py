@@ -112,12 +112,15 @@ def total_duration(tracks: list[TrackInput]) -> float:
 
 def run_local(job: Job) -> list[dict]:
     """Tracks one after another in this process: each track is one span of the shared work unit."""
+    from .cpu_backend import backend_of
     from .onnx_model import batch_plan, fit_runners
     from .span_work import separate_track
     opts, family = job.opts, job.family
     rows_ctx = job.rows("local")
     batch_size, fit_gpu = batch_plan(opts.batch_size, opts.device)
-    runners = job.bundle.runners(opts.device, opts.threads, family.models, max_batch=batch_size)
+    runners = job.bundle.runners(opts.device, opts.threads, family.models, max_batch=batch_size,
+                                 backend=opts.backend)
+    backend = backend_of(runners)
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
     progress = Progress(total_duration(job.todo), enabled=opts.progress)
@@ -132,7 +135,8 @@ def run_local(job: Job) -> list[dict]:
                     clip=opts.clip_mode, batch_size=batch_size,
                     progress=lambda n: progress.update(n / family.sample_rate))
                 row = rows_ctx.done(str(track.path), track.track, plan=plan, paths=paths, started=started,
-                                    finished=time.time(), node=socket.gethostname(), worker=worker)
+                                    finished=time.time(), node=socket.gethostname(), worker=worker,
+                                    backend=backend)
             except Exception as e:  # noqa: BLE001 - one track's failure is its row, never the job's end
                 row = rows_ctx.failed(str(track.path), track.track, f"{type(e).__name__}: {e}", started_at=started,
                                       node=socket.gethostname(), worker=worker)
