@@ -16,6 +16,9 @@ from .audio import CLIP_MODES, WRITE_SUBTYPES
 from .device import canonical
 
 ENGINES = ("auto", "ray", "local")
+#: `--ensemble` algorithms (ripper_dist.ensemble), named as in audio-separator and MSST.
+ENSEMBLE_ALGORITHMS = ("avg_wave", "median_wave", "min_wave", "max_wave", "avg_fft", "median_fft", "min_fft",
+                       "max_fft")
 ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")
 
 
@@ -57,6 +60,9 @@ class SeparateOptions:
     verbose: bool = False
     then: tuple[tuple[str, str], ...] = field(default=())
     then_repo: Path | None = None
+    # ensembles: `model` lists several models ("a,b")
+    ensemble: str = "avg_wave"
+    ensemble_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen instance
@@ -70,6 +76,14 @@ class SeparateOptions:
         set_("format", str(self.format).lower())
         set_("subtype", str(self.subtype).upper())
         set_("clip_mode", str(self.clip_mode).lower())
+        set_("ensemble", str(self.ensemble).lower())
+        if isinstance(self.ensemble_weights, str):
+            try:
+                set_("ensemble_weights", tuple(float(w) for w in self.ensemble_weights.split(",")))
+            except ValueError:
+                raise ValueError(f"--ensemble-weights: {self.ensemble_weights!r} is not a list of numbers") from None
+        elif self.ensemble_weights is not None:
+            set_("ensemble_weights", tuple(float(w) for w in self.ensemble_weights))
         self.validate()
 
     def validate(self) -> None:
@@ -114,12 +128,30 @@ class SeparateOptions:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
         if not self.shared_fs and self.engine == "local":
             bad("--no-shared-fs", "is a Ray job option: it does nothing with --engine local")
-        if Path(self.model).suffix == ".onnx" and not Path(self.model).is_file():
-            bad("-n", f"{self.model}: no such ONNX file")
-        if self.model in ROFORMER_FAMILIES and (not self.config or not self.checkpoint):
-            bad("-n", f"{self.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
-        if self.model in ROFORMER_FAMILIES:
-            refuse_demucs_options(self, self.model)
+        members = self.members
+        if not all(members):
+            bad("-n", f"{self.model!r}: an empty model name")
+        for model in members:
+            if Path(model).suffix == ".onnx" and not Path(model).is_file():
+                bad("-n", f"{model}: no such ONNX file")
+            if model in ROFORMER_FAMILIES and (not self.config or not self.checkpoint):
+                bad("-n", f"{model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
+            if model in ROFORMER_FAMILIES:
+                refuse_demucs_options(self, model)
+        if sum(m in ROFORMER_FAMILIES for m in members) > 1:
+            bad("-n", "one --config/--checkpoint pair serves one RoFormer: export the others "
+                      "(`ripper-dist export ... -o DIR`) and list their .onnx files")
+        if self.ensemble not in ENSEMBLE_ALGORITHMS:
+            bad("--ensemble", f"{self.ensemble!r}: use one of {', '.join(ENSEMBLE_ALGORITHMS)}")
+        if self.ensemble_weights is not None:
+            if len(members) < 2:
+                bad("--ensemble-weights", "needs several models (-n a,b)")
+            if len(self.ensemble_weights) != len(members):
+                bad("--ensemble-weights", f"{len(self.ensemble_weights)} weights for {len(members)} models")
+            if any(not w >= 0 for w in self.ensemble_weights) or not sum(self.ensemble_weights) > 0:
+                bad("--ensemble-weights", "weights must be >= 0 and not all 0")
+        if len(members) > 1 and self.checkpoint and not any(m in ROFORMER_FAMILIES for m in members):
+            bad("--checkpoint", "a single Demucs checkpoint is one model, not an ensemble member: use --repo")
         for path, option in ((self.repo, "--repo"), (self.checkpoint, "--checkpoint"), (self.config, "--config"),
                              (self.then_repo, "--then-repo")):
             if path is not None and not Path(path).exists():
@@ -132,6 +164,15 @@ class SeparateOptions:
 
     # -- derived ---------------------------------------------------------------------------------------------------
     @property
+    def members(self) -> tuple[str, ...]:
+        """The models of `-n`: one, or an ensemble's (`-n a,b`)."""
+        return tuple(m.strip() for m in str(self.model).split(","))
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @property
     def is_roformer(self) -> bool:
         return self.model in ROFORMER_FAMILIES
 
@@ -142,7 +183,8 @@ class SeparateOptions:
         """The next `--then STEM=MODEL` stage: MODEL on STEM's files, into OUT/STEM.MODEL/<track>/."""
         return dataclasses.replace(
             self, model=model, checkpoint=None, config=None, repo=self.then_repo, stems=None, two_stems=None,
-            segment=None, num_overlap=None, overlap=None, then=(), out=self.out / f"{stem}.{model}")
+            segment=None, num_overlap=None, overlap=None, then=(), out=self.out / f"{stem}.{model}",
+            ensemble_weights=None)
 
 
 def refuse_demucs_options(opts: SeparateOptions, family: str) -> None:

@@ -63,8 +63,12 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         tracks = assign_tracks(expand_inputs(list(opts.inputs)))
         if not tracks:
             raise ValueError("no input files found")
-    bundle = ModelBundle.from_exported(export_model(opts))
-    family = family_for(bundle, opts)
+    if opts.is_ensemble:
+        from .ensemble import load_ensemble
+        bundle, family = load_ensemble(opts)
+    else:
+        bundle = ModelBundle.from_exported(export_model(opts))
+        family = family_for(bundle, opts)
     key = options_key(resume_options(opts, bundle, family))
     opts.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(opts.out)
