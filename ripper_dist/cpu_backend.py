@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,9 +28,11 @@ MARGIN = 0.10
 TIMED_RUNS = 2
 
 
-def machine_key(threads: int) -> str:
-    """CPU model, the instruction-set flags that pick kernels, threads and runtime versions: a cached choice is only
-    reused where all of these match (a cluster's nodes differ; an upgrade changes kernels)."""
+def machine_key() -> str:
+    """CPU model, the instruction-set flags that pick kernels, cores and runtime versions: a cached choice is only
+    reused where all of these match (a cluster's nodes differ; an upgrade changes kernels). Not the threads of the
+    session: one machine makes one choice, so the local engine and Ray actors (fewer threads each) on it write the
+    same bytes."""
     import onnxruntime
     cpu, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
@@ -45,11 +48,27 @@ def machine_key(threads: int) -> str:
     with contextlib.suppress(ImportError):
         import openvino
         versions.append(f"ov{openvino.__version__.split('-')[0]}")
-    return "|".join([cpu, ",".join(isa), f"{threads}t", *versions])
+    from .onnx_model import _usable_cores
+    return "|".join([cpu, ",".join(isa), f"{_usable_cores()}cores", *versions])
 
 
 def graph_key(graph: bytes) -> str:
-    return hashlib.sha256(graph).hexdigest()[:16]
+    """The graph's architecture, not its weights: operators, their attributes and the initializers' shapes. Speed
+    depends on these only, so a bag's members (and any checkpoint of the same model) share one measurement, and
+    however the graphs of a job are grouped (local engine per model, Ray actor over all) the choice is the same."""
+    import onnx
+    proto = onnx.load_model(io.BytesIO(graph), load_external_data=False)
+    h = hashlib.sha256()
+    for init in proto.graph.initializer:
+        h.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
+    for node in proto.graph.node:
+        h.update(f"{node.op_type}({','.join(node.input)})->{','.join(node.output)}".encode())
+        for a in node.attribute:
+            if a.type != onnx.AttributeProto.TENSOR:  # constant tensors are weights too
+                h.update(a.SerializeToString())
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        h.update(value.SerializeToString())
+    return h.hexdigest()[:16]
 
 
 def _cache_file() -> Path:
@@ -132,9 +151,7 @@ def resolve(backend: str, device: str, graph: bytes, threads: int | None, **kw) 
     from .openvino_model import available
     if not available():
         return "ort", None
-    from .onnx_model import _usable_cores
-    t = threads or _usable_cores()
-    mkey, gkey = machine_key(t), graph_key(graph)
+    mkey, gkey = machine_key(), graph_key(graph)
     path = _cache_file()
     with _locked(path):
         known = _read(path).get(mkey, {}).get(gkey)
@@ -143,7 +160,7 @@ def resolve(backend: str, device: str, graph: bytes, threads: int | None, **kw) 
         times, runners = measure(graph, threads, **kw)
         chosen = choose(times)
         data = _read(path)
-        data.setdefault(mkey, {})[gkey] = {"backend": chosen, "seconds_per_chunk": times,
+        data.setdefault(mkey, {})[gkey] = {"backend": chosen, "seconds_per_chunk": times, "threads": threads,
                                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         from .atomic import write_text
         write_text(path, json.dumps(data, indent=1, sort_keys=True))
@@ -157,21 +174,20 @@ def backend_of(runners) -> str:
 
 
 def make_runners(graphs: list, device: str, threads: int | None, backend: str = "auto", **kw) -> list:
-    """One runner per graph (None stays None: a sub-model no selected stem needs). `auto` is resolved on the first
-    graph and applies to all (a bag's members share an architecture)."""
-    first = next((g for g in graphs if g is not None), None)
-    if first is None:
-        return [None] * len(graphs)
-    concrete, ready = resolve(backend, device, first if isinstance(first, bytes) else Path(first).read_bytes(),
-                              threads, **kw)
+    """One runner per graph (None stays None: a sub-model no selected stem needs). `auto` is resolved per graph
+    architecture (`graph_key`): a bag's members share one measurement, an ensemble's Demucs and RoFormer members
+    get their own."""
     out = []
     for g in graphs:
         if g is None:
             out.append(None)
-        elif g is first and ready is not None:
+            continue
+        data = g if isinstance(g, bytes) else Path(g).read_bytes()
+        concrete, ready = resolve(backend, device, data, threads, **kw)
+        if ready is not None:
             out.append(ready)
         elif concrete == "openvino":
-            out.append(make_runner("openvino", g, device, threads, max_batch=kw.get("max_batch")))
+            out.append(make_runner("openvino", data, device, threads, max_batch=kw.get("max_batch")))
         else:
             out.append(make_runner("ort", g, device, threads, **kw))
     return out
