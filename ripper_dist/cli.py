@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder")
 
+    p = sub.add_parser("doctor", help="execution providers that start here (and why not), GPUs seen by NVML and "
+                                      "Ray, CPU backends")
+    p.add_argument("-d", "--device", help="exit 1 unless this device (cpu, cuda, tensorrt) starts")
+    p.add_argument("--address", help="also count the GPUs of this Ray cluster")
+
     p = sub.add_parser("separate", help="separate tracks into stems")
     _add_separate_args(p)
 
@@ -179,6 +184,11 @@ def separate_options(args) -> "SeparateOptions":
         ensemble_weights=args.ensemble_weights)
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import report
+    return report(args.device, args.address)
+
+
 def cmd_separate(args) -> int:
     from .separator import run_separation
     opts = separate_options(args)
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate,
+        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate, "doctor": cmd_doctor,
                 "evaluate": cmd_evaluate}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

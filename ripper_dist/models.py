@@ -104,12 +104,12 @@ class ModelBundle:
         return self.runners(device, threads, max_batch=max_batch, backend=backend)[0]
 
     def demucs_bag(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
-                   max_batch: int | None = None):
+                   max_batch: int | None = None, backend: str = "ort"):
         """The engine's `DemucsBag` over ONNX Runtime runners."""
         from .engine import DemucsBag
         if self.is_roformer:
             raise ValueError(f"{self.name} is a {self.family} model, not Demucs")
-        return DemucsBag(self.runners(device, threads, models, max_batch), self.full_weights,
+        return DemucsBag(self.runners(device, threads, models, max_batch, backend=backend), self.full_weights,
                          [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,
                          self.info.channels, name=self.name)
 

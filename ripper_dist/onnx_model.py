@@ -117,6 +117,9 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
     kind, _ = parse_device(device)
+    if kind != "cpu":  # CUDA/cuDNN/TensorRT from the `gpu` extra's wheels, before the provider looks for them
+        from .gpu_libs import preload
+        preload()
     providers = providers_for(device, trt_shapes=_trt_shapes(model, max_batch) if kind == "tensorrt" else None)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if wanted not in ort.get_available_providers():

@@ -54,6 +54,7 @@ class OpenVinoRunner:
                         "PERFORMANCE_HINT": "LATENCY",
                         "NUM_STREAMS": 1}
         self._compiled: dict[int, object] = {}
+        self._request(max_batch or 1)  # compiled now, as ONNX Runtime optimises its graph when the session is made
 
     def _request(self, batch: int):
         req = self._compiled.get(batch)
