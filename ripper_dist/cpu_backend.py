@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -157,8 +158,12 @@ def resolve(backend: str, device: str, graph: bytes, threads: int | None, **kw) 
         known = _read(path).get(mkey, {}).get(gkey)
         if known:
             return known["backend"], None
+        print("--backend auto: timing ONNX Runtime and OpenVINO on this graph (once per machine and model)",
+              file=sys.stderr, flush=True)
         times, runners = measure(graph, threads, **kw)
         chosen = choose(times)
+        print(f"--backend auto: {chosen} ({', '.join(f'{k} {v:.2f} s' for k, v in times.items())} per chunk; "
+              f"cached in {path})", file=sys.stderr, flush=True)
         data = _read(path)
         data.setdefault(mkey, {})[gkey] = {"backend": chosen, "seconds_per_chunk": times, "threads": threads,
                                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
