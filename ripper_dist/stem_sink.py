@@ -18,6 +18,10 @@ def stem_paths(out_dir, track: str, stems, fmt: str) -> dict[str, Path]:
     return {s: Path(out_dir) / track / f"{s}.{fmt}" for s in stems}
 
 
+class NonFiniteOutputError(ValueError):
+    """The model returned NaN or Inf (e.g. an fp16 overflow): the track fails instead of publishing blank stems."""
+
+
 BLOCK = 1 << 16  # model-rate samples per write: the resampler sees the same blocks however the samples arrived
 
 
@@ -40,6 +44,8 @@ class StemSink:
     def write(self, block: np.ndarray) -> None:
         if block.shape[0] != len(self.writers):
             raise ValueError(f"{block.shape[0]} stems in the block, {len(self.writers)} writers")
+        if not np.isfinite(block).all():
+            raise NonFiniteOutputError(f"the model returned NaN or Inf samples near model-rate sample {self.samples}")
         self.samples += block.shape[-1]
         self._pending.append(block)
         self._buffered += block.shape[-1]
