@@ -198,9 +198,12 @@ class _EncoderProbe(nn.Module):
 class OnnxHTDemucs(nn.Module):
     """`forward(mix: (B, C, chunk_samples)) -> (B, S, C, chunk_samples)`, equal to upstream `HTDemucs.forward`."""
 
-    def __init__(self, model: nn.Module, chunk_samples: int | None = None):
+    def __init__(self, model: nn.Module, chunk_samples: int | None = None, explain: bool = False):
+        """explain: also return the two terms HTDemucs sums, `(B, 3S, C, T)` = output, time branch, spectral branch
+        (`--explain`: what each branch contributed to each stem)."""
         super().__init__()
         _check_supported(model)
+        self.explain = bool(explain)
         # a private copy, so that swapping its GroupNorms leaves the caller's (reference) model untouched
         model = copy.deepcopy(model).float().eval()
         _replace_group_norms(model)
@@ -412,6 +415,8 @@ class OnnxHTDemucs(nn.Module):
         xt = xt.reshape(-1, n_src, n_ch, self.length)
         xt = xt * stdt[:, None] + meant[:, None]
         out = xt + x
+        if self.explain:
+            out = torch.cat([out, xt, x], dim=1)
         if self.length > self.chunk_samples:
             out = out[..., :self.chunk_samples]
         return out

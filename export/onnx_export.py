@@ -194,7 +194,7 @@ def htdemucs_metadata(model, chunk_samples: int, *, opset: int, parity_sdr_db: f
 
 def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_samples: int | None = None,
                   opset: int = 17, min_parity_db: float = 60.0, metadata: dict | None = None,
-                  check_batch: int = 2, progress=None) -> dict:
+                  check_batch: int = 2, explain: bool = False, progress=None) -> dict:
     """Export an HTDemucs model to `out_path` (ONNX) and return the metadata written into it.
 
     model_or_package: an upstream `HTDemucs` instance, a package dict (`load_demucs_package`), or a `.th` path
@@ -207,13 +207,16 @@ def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_sample
     part of an export; the rows are independent in the model, so one row proves the numbers). `ParityError` when the
     SDR is below `min_parity_db`. The file appears at `out_path` only after the check passed (atomic).
     progress: a file (e.g. sys.stderr) for `export [k/5] ...` lines, or None.
+    explain: the explanation graph: sources `S + S.time + S.spec` (the output, then the time-branch and the
+    spectral-branch terms HTDemucs sums); the output is checked as above and the sum of the two branches against it
+    (`ripper.explain_sum_sdr_db`, also >= `min_parity_db`).
     """
     from .htdemucs import OnnxHTDemucs
 
     step = ExportSteps(5, progress)
     step("loading the model")
     model, sha = _resolve_model(model_or_package)
-    wrapper = OnnxHTDemucs(model, chunk_samples).eval()
+    wrapper = OnnxHTDemucs(model, chunk_samples, explain=explain).eval()
     chunk = wrapper.chunk_samples
     channels = wrapper.audio_channels
     out_path = Path(out_path)
@@ -238,6 +241,17 @@ def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_sample
             ref = model(check_input[:1]).numpy()
         step(f"ONNX Runtime parity check (batch {len(check_input)})")
         est = ort_run(tmp, {"mix": check_input.numpy()})[0]
+        extra = dict(metadata or {})
+        n_src = len(wrapper.sources)
+        if explain:
+            est, time_branch, spec_branch = est[:, :n_src], est[:, n_src:2 * n_src], est[:, 2 * n_src:]
+            branch_sum = sdr_db(est, time_branch + spec_branch)
+            if not branch_sum >= min_parity_db:
+                raise ParityError(f"time + spectral branch vs output: SDR {branch_sum:.2f} dB < {min_parity_db} dB",
+                                  branch_sum)
+            extra.update({"ripper.explain": "branches", "ripper.explain_sum_sdr_db": f"{branch_sum:.2f}",
+                          "ripper.sources": json.dumps([*wrapper.sources, *(f"{s}.time" for s in wrapper.sources),
+                                                        *(f"{s}.spec" for s in wrapper.sources)])})
         if est.shape[1:] != ref.shape[1:] or len(est) != len(check_input):
             raise ParityError(f"ONNX output shape {est.shape} != torch {ref.shape[1:]} x {len(check_input)}",
                               float("-inf"))
@@ -247,10 +261,9 @@ def export_demucs(model_or_package, out_path: str | os.PathLike, *, chunk_sample
 
         step(f"metadata and publication (parity {sdr:.1f} dB)")
         meta = htdemucs_metadata(model, chunk, opset=opset, parity_sdr_db=sdr, checkpoint_sha256=sha,
-                                 extra=metadata)
-        n_src = len(wrapper.sources)
+                                 extra=extra)
         set_metadata(tmp, meta, shapes={"mix": ["batch", channels, chunk],
-                                        "stems": ["batch", n_src, channels, chunk]})
+                                        "stems": ["batch", n_src * (3 if explain else 1), channels, chunk]})
         os.replace(tmp, out_path)
         step.done(str(out_path))
     finally:

@@ -80,8 +80,15 @@ class RoformerKeyError(KeyError):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
         parts = []
 
-        def few(items):  # a config off by a lot would list a million keys: name a few and count them
-            return ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
+        def few(items, budget=1500):  # a config off by a lot would list a million keys: name some, count the rest
+            shown, used = [], 0
+            for item in items:
+                if used + len(item) > budget:
+                    break
+                shown.append(item)
+                used += len(item) + 2
+            rest = len(items) - len(shown)
+            return ", ".join(shown) + (f", ... ({rest} more)" if rest else "")
         if self.missing:
             parts.append(f"missing keys ({len(self.missing)}): {few(self.missing)}")
         if self.unexpected:
@@ -369,7 +376,8 @@ class MaskEstimator(nn.Module):
 
 
 class Roformer(nn.Module):
-    """Mel-Band RoFormer or BS-RoFormer (``spec.family``); ``(B, C, L) -> (B, stems, C, L)``."""
+    """Mel-Band RoFormer or BS-RoFormer (``spec.family``); ``(B, C, L) -> (B, stems, C, L)``; with ``explain`` set,
+    also the per-band mask magnitudes ``(B, stems, bands, frames)`` the estimators produced (before band averaging)."""
 
     def __init__(self, spec: RoformerSpec):
         super().__init__()
@@ -425,6 +433,14 @@ class Roformer(nn.Module):
         self.register_buffer("mask_scale", torch.from_numpy(scale), persistent=False)
         self.bands_per_freq = counts
         self._frozen: dict | None = None
+        # --explain: a second output, each band's mask magnitude (mean over its bins and channels) per frame
+        self.explain = False
+        band_mean = np.zeros((self.n_sel, self.num_bands), dtype=np.float32)
+        start = 0
+        for i, b in enumerate(bins):
+            band_mean[start:start + b.size, i] = 1.0 / b.size
+            start += b.size
+        self.register_buffer("band_mean", torch.from_numpy(band_mean), persistent=False)
 
     # -- rotary tables ------------------------------------------------------------------------------------------
     def _rope(self, frames: int):
@@ -475,6 +491,10 @@ class Roformer(nn.Module):
 
         masks = torch.stack([est(x) for est in self.mask_estimators], dim=1)   # (B, S, T, n_sel*C*2)
         masks = masks.reshape(-1, stems, frames, self.n_sel, c, 2)
+        band_masks = None
+        if self.explain:  # |mask| per band: (B, S, bands, T)
+            mag = torch.sqrt(masks[..., 0] ** 2 + masks[..., 1] ** 2).mean(dim=-1)  # (B, S, T, n_sel)
+            band_masks = torch.matmul(mag, self.band_mean).transpose(2, 3)
         masks = self._average(masks)                                           # (B, S, T, F, C, 2)
 
         sp = spec.unsqueeze(1)
@@ -483,7 +503,8 @@ class Roformer(nn.Module):
         out_re = (sr * mr - si * mi).permute(0, 1, 4, 3, 2).reshape(-1, n_f, frames)
         out_im = (sr * mi + si * mr).permute(0, 1, 4, 3, 2).reshape(-1, n_f, frames)
         wav = self.istft(out_re, out_im, length)                                # (B*S*C, L)
-        return wav.reshape(-1, stems, c, length)
+        wav = wav.reshape(-1, stems, c, length)
+        return (wav, band_masks) if self.explain else wav
 
     def _average(self, masks):
         scale = self.mask_scale[:, None, None]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .onnx_export import EXPORT_VERSION, ParityError, sdr_db
-from .roformer import FAMILIES, Roformer, RoformerSpec, build_roformer, read_checkpoint
+from .roformer import FAMILIES, Roformer, RoformerSpec, band_bins, build_roformer, read_checkpoint
 from .roformer_config import RoformerConfig, load_roformer_config
 
 __all__ = [
@@ -153,11 +153,12 @@ def build_reference(family: str, model_kwargs: Mapping, state: Mapping[str, torc
 def _torch_export(model: Roformer, path: Path, chunk: int, opset: int) -> None:
     model.freeze_length(chunk)
     dummy = torch.zeros(1, model.spec.channels, chunk)
+    names = ["stems", "band_masks"] if model.explain else ["stems"]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (dummy,), str(path), input_names=["mix"], output_names=["stems"],
-            dynamic_axes={"mix": {0: "batch"}, "stems": {0: "batch"}}, opset_version=opset,
+            model, (dummy,), str(path), input_names=["mix"], output_names=names,
+            dynamic_axes={"mix": {0: "batch"}, **{n: {0: "batch"} for n in names}}, opset_version=opset,
             do_constant_folding=True, dynamo=False)
 
 
@@ -243,7 +244,10 @@ def export_roformer_model(model: Roformer, out_path: str | os.PathLike, *, chunk
         est, timings["ort_s"] = _ort_run(tmp, mix.numpy())
         t0 = time.perf_counter()
         with torch.no_grad():
-            ours = model(mix).numpy()
+            ours = model(mix)
+            if model.explain:  # the band masks are the model's own values: the stems carry the parity check
+                ours, torch_masks = ours[0], ours[1].numpy()
+            ours = ours.numpy()
         timings["torch_s"] = time.perf_counter() - t0
         if est.shape != ours.shape:
             raise ParityError(f"ONNX output shape {est.shape} != torch {ours.shape}", float("nan"))
@@ -261,7 +265,18 @@ def export_roformer_model(model: Roformer, out_path: str | os.PathLike, *, chunk
                 f"parity below {min_parity_db} dB: ORT vs torch {parity_torch:.1f} dB"
                 + (f", ORT vs {REFERENCE_NAME} {parity_ref:.1f} dB" if parity_ref is not None else ""), worst)
 
+        explain = {}
+        if model.explain:
+            import onnxruntime as ort
+            got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(
+                ["band_masks"], {"mix": mix.numpy()})[0]
+            mask_sdr = _min_stem_sdr(torch_masks, got)
+            if not mask_sdr >= min_parity_db:
+                raise ParityError(f"band masks: ORT vs torch {mask_sdr:.1f} dB < {min_parity_db} dB", mask_sdr)
+            explain = {"ripper.explain": "band_masks", "ripper.explain_masks_sdr_db": f"{mask_sdr:.2f}",
+                       "ripper.band_bins": json.dumps([[int(b[0]), int(b[-1])] for b in band_bins(spec)])}
         meta = {
+            **explain,
             "ripper.family": spec.family,
             "ripper.sources": json.dumps(list(sources or [f"stem{i}" for i in range(spec.num_stems)])),
             "ripper.sample_rate": str(spec.sample_rate),
@@ -298,13 +313,15 @@ def export_roformer(config_path: str | os.PathLike, checkpoint_path: str | os.Pa
                     out_path: str | os.PathLike, *, family: str | None, min_parity_db: float = 60.0,
                     metadata: Mapping[str, str] | None = None, opset: int = DEFAULT_OPSET,
                     check_reference: bool = True, chunk_samples: int | None = None,
-                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, explain: bool = False) -> dict:
     """Checkpoint + YAML config -> ONNX graph at `out_path`, parity-checked, with ``ripper.*`` metadata.
 
     `family`: ``mel_band_roformer`` or ``bs_roformer`` (None: guessed from the config's model keys).
     `metadata`: extra/overriding keys (e.g. ``ripper.checkpoint_sha256``, ``ripper.export_options``).
     `check_reference`: compare against ``bs-roformer==0.3.10`` too (the default; ImportError if it is missing).
     `chunk_samples`: graph length (default: the config's chunk size).
+    `explain`: a second output `band_masks` (B, stems, bands, frames): each band's mask magnitude per STFT frame
+    (`--explain`), checked against torch like the stems; `ripper.band_bins` holds each band's first and last bin.
 
     Returns a dict: path, external_data (path or None), parity_sdr_db (the worst of ORT-vs-torch and
     ORT-vs-reference), parity_sdr_db_torch, parity_sdr_db_reference, torch_vs_reference_sdr_db, timings, metadata,
@@ -318,6 +335,7 @@ def export_roformer(config_path: str | os.PathLike, checkpoint_path: str | os.Pa
         raise ValueError(f"config looks like {cfg.family} (model keys) but family={family!r} was requested")
     state = read_checkpoint(checkpoint_path)
     model = build_roformer(family, cfg.model, state)
+    model.explain = bool(explain)
     sources = list(cfg.sources)
     if len(sources) != model.spec.num_stems:
         raise ValueError(f"config names {sources} for a model with {model.spec.num_stems} stems")

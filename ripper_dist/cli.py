@@ -43,6 +43,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: graphs with convolutions, attention and feed-forward layers in half precision (for "
                         "GPUs; the STFT, norms and reductions stay fp32), checked against fp32 when converted")
+    g.add_argument("--explain", action="store_true",
+                   help="explanation graphs: Demucs also writes each stem's time-branch and spectral-branch terms "
+                        "(STEM.time, STEM.spec; they sum to STEM), RoFormer each stem's per-band masks "
+                        "(STEM.masks.npy, bands x frames); `ripper-dist report` draws them")
 
 
 def _add_separate_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     p.add_argument("--force", action="store_true", help="re-evaluate tracks already scored")
+
+    p = sub.add_parser("report", help="HTML pages of a job: metadata, spectrograms, players, loudness, scores")
+    p.add_argument("out", type=Path, metavar="OUT", help="a separate command's output folder")
     return parser
 
 
@@ -180,8 +187,8 @@ def separate_options(args) -> "SeparateOptions":
     from .options import SeparateOptions, parse_then
     return SeparateOptions(
         inputs=tuple(args.inputs), out=args.out, model=args.model, repo=args.repo, checkpoint=args.checkpoint,
-        config=args.config, precision=args.precision, shifts=args.shifts, seed=args.seed, overlap=args.overlap,
-        segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
+        config=args.config, precision=args.precision, explain=args.explain, shifts=args.shifts, seed=args.seed,
+        overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
         two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
         device=args.device, backend=args.backend, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, track_timeout=args.track_timeout,
@@ -209,6 +216,11 @@ def cmd_separate(args) -> int:
     return rc
 
 
+def cmd_report(args) -> int:
+    from .report import main as report_main
+    return report_main(args.out)
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import EvaluateOptions, run_evaluation
     return run_evaluation(EvaluateOptions(out=args.out, references=args.references, engine=args.engine,
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate, "doctor": cmd_doctor,
-                "evaluate": cmd_evaluate}[args.command](args)
+                "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 
 ERRORS_LOG = ".ripper-dist/errors.log"
-MAX_LINE = 400
+MAX_LINE = 400          # a track's error (row and terminal)
+MAX_SETUP_LINE = 5000   # the one line of an exit 2 (e.g. the keys a checkpoint lacks)
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -27,7 +28,10 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 def one_line(e: BaseException) -> str:
-    """`Type: first line of the message` (at most MAX_LINE characters); disk full named as such."""
+    """`Type: first line of the message` (at most MAX_LINE characters); disk full named as such. An error raised in
+    another Ray task (e.g. the `--no-shared-fs` reader) is described by its cause."""
+    while isinstance(getattr(e, "cause", None), BaseException):  # ray.exceptions.RayTaskError
+        e = e.cause
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         msg = f"{e.strerror}: {e.filename}"
@@ -45,7 +49,7 @@ def setup_message(e: BaseException) -> str:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if is_disk_full(e) and "disk full" not in text:
         text = f"disk full: {text}; free space and rerun the same command (finished tracks are kept)"
-    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
+    return text if len(text) <= MAX_SETUP_LINE else text[:MAX_SETUP_LINE - 3] + "..."
 
 
 def format_traceback(e: BaseException) -> str:

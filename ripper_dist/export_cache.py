@@ -57,12 +57,15 @@ def _graph_files(graph: Path) -> list[Path]:
 def record_graph(graph: Path) -> None:
     """Write the record of a finished graph (after it and its external data are in place)."""
     from .atomic import write_text
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _graph_files(graph)}
+    files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": sha256_file(p)}
+             for p in _graph_files(graph)}
     write_text(graph.with_name(graph.name + VERIFY_SUFFIX), json.dumps({"files": files}, indent=1))
 
 
 def graph_problem(graph: Path) -> str | None:
-    """Why the cached `graph` cannot be trusted (None: it matches its record)."""
+    """Why the cached `graph` cannot be trusted (None: it matches its record). Size and mtime as recorded stand for
+    an unchanged file (hashing a 170 MB graph costs about a second on every run); otherwise the sha256 decides (a
+    cache copied elsewhere keeps working, a damaged one does not)."""
     if not graph.exists():
         return "missing"
     try:
@@ -77,7 +80,7 @@ def graph_problem(graph: Path) -> str | None:
             return f"{name} is missing"
         if size != want["size"]:
             return f"{name} is {size} bytes, {want['size']} when exported"
-        if sha256_file(p) != want["sha256"]:
+        if p.stat().st_mtime_ns != want.get("mtime_ns") and sha256_file(p) != want["sha256"]:
             return f"{name} differs from the exported file (sha256)"
     return None
 
@@ -140,10 +143,13 @@ def onnx_root() -> Path:
 
 
 def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int = DEFAULT_OPSET,
-                         out_root: Path | None = None) -> Path:
-    """Path of the cached graph for one checkpoint, exporting it on a miss."""
+                         out_root: Path | None = None, explain: bool = False) -> Path:
+    """Path of the cached graph for one checkpoint, exporting it on a miss (explain: the explanation graph, with
+    the time- and spectral-branch terms as extra outputs)."""
     sha = sha256_file(checkpoint)
     options = {"family": "htdemucs", "segment": segment, "opset": opset, "export_version": EXPORT_VERSION}
+    if explain:
+        options["explain"] = True
     out = (out_root or onnx_root()) / "htdemucs" / _key(sha, options) / "model.onnx"
 
     def make(out: Path) -> None:
@@ -155,25 +161,29 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
         model = build_demucs_model(load_demucs_package(checkpoint))
         if segment is not None and segment <= float(model.segment):
             model.segment = segment  # upstream BagOfModels rule for HTDemucs
-        export_demucs(model, out, opset=opset, metadata={
+        export_demucs(model, out, opset=opset, explain=explain, metadata={
             "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
             "ripper.export_options": json.dumps(options, sort_keys=True)}, progress=sys.stderr)
 
     return cached_graph(out, make)
 
 
-def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, out_root: Path | None = None) -> ExportedModel:
-    paths = tuple(export_demucs_member(m.path, segment=source.segment, opset=opset, out_root=out_root)
-                  for m in source.members)
+def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, out_root: Path | None = None,
+                         explain: bool = False) -> ExportedModel:
+    paths = tuple(export_demucs_member(m.path, segment=source.segment, opset=opset, out_root=out_root,
+                                       explain=explain) for m in source.members)
     return ExportedModel(source.name, "htdemucs", paths, source.weights)
 
 
 def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int = DEFAULT_OPSET,
-                    out_root: Path | None = None) -> ExportedModel:
-    """Cached graph for a RoFormer checkpoint + its YAML config (both hashed into the key)."""
+                    out_root: Path | None = None, explain: bool = False) -> ExportedModel:
+    """Cached graph for a RoFormer checkpoint + its YAML config (both hashed into the key); explain: the graph that
+    also outputs the per-band masks."""
     sha = sha256_file(checkpoint)
     options = {"family": family, "config_sha256": sha256_file(config), "opset": opset,
                "export_version": EXPORT_VERSION}
+    if explain:
+        options["explain"] = True
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
 
     def make(out: Path) -> None:
@@ -189,6 +199,7 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             _export(config, checkpoint, out, family=family, opset=opset, check_reference=check_reference,
+                    explain=explain,
                     metadata={"ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
                               "ripper.export_options": json.dumps(options, sort_keys=True)})
         except RoformerKeyError as e:  # a checkpoint that does not fit the config: the user's to fix

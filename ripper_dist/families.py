@@ -10,6 +10,7 @@ bundle (`ModelBundle.runners`) where the work runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
@@ -119,13 +120,25 @@ class DemucsFamily(Family):
 
     kind = "demucs"
 
-    def __init__(self, bag, opts: SeparateOptions):
-        """bag: an `engine.DemucsBag` (its runners are not used here: only its plan, weights and shapes)."""
+    def __init__(self, bag, opts: SeparateOptions, explain: str | None = None):
+        """bag: an `engine.DemucsBag` (its runners are not used here: only its plan, weights and shapes).
+        explain="branches": the bag's graphs are explanation graphs (sources S + S.time + S.spec): each selected stem
+        also gets its time-branch and spectral-branch terms, `STEM.time` and `STEM.spec`."""
         self.name = bag.name
         self.planner = dataclasses.replace(bag, runners=[_Shape(c) for c in bag.chunk_samples])
         self.sample_rate, self.channels = self.planner.sample_rate, self.planner.channels
         self.outputs = list(self.planner.sources)
-        self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)
+        self.explain = explain
+        if explain == "branches":
+            n = len(self.outputs) // 3
+            main = select_stems(self.outputs[:n], opts.stems, opts.two_stems)
+            self.stem_map = main | {f"{s}.{branch}": [i + k * n for i in idx]
+                                    for k, branch in ((1, "time"), (2, "spec")) for s, idx in main.items()}
+        else:
+            self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)
+        # the mix mean that un-normalising adds to every output: the spectral terms give it back, so that the two
+        # branch files sum to the stem
+        self._spec_rows = [k for k, s in enumerate(self.stem_map) if explain and s.endswith(".spec")]
         self.models = needed_models(self.planner.weights, self.stem_map)
         self.shifts, self.seed = int(opts.shifts), int(opts.seed)
         self.overlap = DEMUCS_OVERLAP if opts.overlap is None else float(opts.overlap)
@@ -167,18 +180,26 @@ class DemucsFamily(Family):
         if hasattr(reader, "history"):  # reads come in track order per sub-model batch
             reader.history = max(reader.history, (batch_size + 2) * max(self.planner.chunk_samples))
 
+        mean = np.float32(stats.total / max(stats.count, 1))
+
+        def out(block) -> None:
+            stems = combine(block, self.stem_map)
+            if self._spec_rows:
+                stems[self._spec_rows] -= mean
+            emit(stems)
+
         def consume(batch_tasks, outputs) -> None:
             for t, o in zip(batch_tasks, outputs):
                 acc.add(t, o)
             block = acc.pop_ready()
             if block.shape[-1]:
-                emit(combine(block, self.stem_map))
+                out(block)
 
         run_tasks(runners, acc.tasks, lambda t, n: read_window(reader, t, n, stats=stats), batch_size, consume,
                   n_sources=len(self.outputs), channels=self.channels)
         block = acc.finish()
         if block.shape[-1]:
-            emit(combine(block, self.stem_map))
+            out(block)
 
 
 class MsstFamily(Family):
@@ -203,6 +224,11 @@ class MsstFamily(Family):
         self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)
         self.models = {0}
         self._plan = None
+        # --explain: per-band masks (graph output `band_masks`), written beside the stems as STEM.masks.npy
+        self.explain = bundle.explain
+        self.hop = int(json.loads(info.raw.get("ripper.stft", "{}")).get("hop_length", 0) or 0)
+        if self.explain == "band_masks" and not self.hop:
+            raise ValueError(f"{bundle.name}: an explanation graph without its STFT hop (ripper.stft)")
 
     def resume_options(self) -> dict:
         return {"num_overlap": self.num_overlap, "stems": self.stem_map}
@@ -215,6 +241,10 @@ class MsstFamily(Family):
 
     def track_state(self, reader) -> dict:
         return {}
+
+    def spans(self, length: int, n_spans: int) -> list[tuple[int, int]]:
+        # the band masks of a track are averaged over every chunk that covers a frame: one span holds them all
+        return [(0, length)] if self.explain else super().spans(length, n_spans)
 
     def call_intervals(self, length: int) -> list[tuple[int, int]]:
         p = self.plan(length)
@@ -239,13 +269,19 @@ class MsstFamily(Family):
             emit(combine(block, self.stem_map))
 
         chunks = acc.chunks
+        masks = _MaskGrid(length, self.hop, plan.pad) if self.explain == "band_masks" else None
         for k in range(0, len(chunks), max(1, int(batch_size))):
             batch = chunks[k:k + max(1, int(batch_size))]
             inputs = []
             for c in batch:
                 a, b = source_span(plan, c)
                 inputs.append(read_chunk(reader.read(a, b), plan, c, offset=a))
-            outputs = np.asarray(runner(np.stack(inputs)))
+            if masks is not None:
+                outputs, band_masks = runner.run_explained(np.stack(inputs))
+                for c, m in zip(batch, band_masks):
+                    masks.add(c, m)
+            else:
+                outputs = np.asarray(runner(np.stack(inputs)))
             if outputs.shape != (len(batch), self.n_model, self.channels, self.chunk_size):
                 raise ValueError(f"the graph returned {outputs.shape}, expected "
                                  f"{(len(batch), self.n_model, self.channels, self.chunk_size)}")
@@ -253,6 +289,36 @@ class MsstFamily(Family):
                 acc.add(c, o)
             flush(acc.pop_ready())
         flush(acc.finish())
+        side = getattr(emit, "side", None)
+        if masks is not None and side is not None:
+            grid = masks.result()  # (model outputs, bands, frames)
+            side("masks", {s: grid[i] for s, i in zip(self.outputs, range(self.n_model)) if s in self.stem_map})
+
+
+class _MaskGrid:
+    """Per-band masks of a whole track on one frame grid (frame f at track sample f * hop): each chunk's frames are
+    placed where they fall in the track, frames of the reflect padding are dropped, overlapping chunks averaged."""
+
+    def __init__(self, length: int, hop: int, pad: int):
+        self.hop, self.pad = hop, pad
+        self.frames = length // hop + 1
+        self.sum = None
+        self.count = np.zeros(self.frames, dtype=np.float64)
+
+    def add(self, chunk, masks: np.ndarray) -> None:
+        """masks: (outputs, bands, chunk frames) for a chunk starting at padded-track sample `chunk.start`."""
+        if self.sum is None:
+            self.sum = np.zeros(masks.shape[:2] + (self.frames,), dtype=np.float64)
+        n = masks.shape[-1]
+        pos = chunk.start - self.pad + np.arange(n) * self.hop          # track sample of each chunk frame
+        valid = (np.arange(n) * self.hop < chunk.length) & (pos >= 0)
+        f = np.rint(pos / self.hop).astype(np.int64)
+        valid &= f < self.frames
+        np.add.at(self.sum, (slice(None), slice(None), f[valid]), masks[..., valid])
+        np.add.at(self.count, f[valid], 1.0)
+
+    def result(self) -> np.ndarray:
+        return (self.sum / np.maximum(self.count, 1.0)).astype(np.float32)
 
 
 class _Shape:
@@ -269,8 +335,9 @@ def family_for(bundle, opts: SeparateOptions) -> Family:
     """The family of an exported model (`models.ModelBundle`), with the options checked against it."""
     if bundle.is_roformer:
         return MsstFamily(bundle, opts)
+    explain = bundle.explain
     from .engine import DemucsBag
     bag = DemucsBag([_Shape(i.chunk_samples) for i in bundle.infos], bundle.full_weights,
                     [i.segment_samples for i in bundle.infos], list(bundle.info.sources), bundle.info.sample_rate,
                     bundle.info.channels, name=bundle.name)
-    return DemucsFamily(bag, opts)
+    return DemucsFamily(bag, opts, explain=explain)

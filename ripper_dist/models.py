@@ -19,20 +19,25 @@ def export_model(opts) -> ExportedModel:
     exported (and parity-checked) on first use."""
     from .export_cache import with_precision
     args, precision = opts, opts.precision
+    explain = bool(getattr(opts, "explain", False))
     if Path(args.model).suffix == ".onnx":  # an exported graph (`ripper-dist export -o`): no checkpoint needed
         path = Path(args.model)
         if not path.is_file():
             raise FileNotFoundError(f"-n {path}: no such ONNX file")
+        if explain and "ripper.explain" not in read_info(path).raw:
+            raise ValueError(f"--explain: {path} is not an explanation graph (export one with `ripper-dist export "
+                             "--explain -o DIR`)")
         exported = ExportedModel(path.stem, read_info(path).family, (path,), None)
         return with_precision(exported, precision)
     if args.model in ROFORMER_FAMILIES:
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:
             raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
-        return with_precision(export_roformer(args.model, Path(args.config), Path(args.checkpoint)), precision)
+        return with_precision(export_roformer(args.model, Path(args.config), Path(args.checkpoint), explain=explain),
+                              precision)
     from .sources import resolve_demucs
     source = resolve_demucs(args.model, repo=args.repo, checkpoint=args.checkpoint)
-    return with_precision(export_demucs_source(source), precision)
+    return with_precision(export_demucs_source(source, explain=explain), precision)
 
 
 @dataclass
@@ -90,7 +95,14 @@ class ModelBundle:
 
     @property
     def full_weights(self) -> list[list[float]]:
+        if self.weights and self.explain == "branches":  # the bag's per-source weights apply to each branch term
+            return [list(row) * 3 for row in self.weights]
         return self.weights or [[1.0] * len(self.sources) for _ in self.graphs]
+
+    @property
+    def explain(self) -> str | None:
+        """What an explanation graph adds: "branches" (Demucs time/spectral terms), "band_masks" (RoFormer)."""
+        return self.info.raw.get("ripper.explain") or None
 
     def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
                 max_batch: int | None = None, backend: str = "ort") -> list:
@@ -120,11 +132,12 @@ class ModelBundle:
                          self.info.channels, name=self.name)
 
     def identity(self) -> dict:
-        """What makes outputs differ: the checkpoints (by hash) and the bag weights."""
-        return {"name": self.name, "family": self.family, "weights": self.weights,
-                "checkpoints": [i.raw.get("ripper.checkpoint_sha256") for i in self.infos],
-                "export_version": [i.raw.get("ripper.export_version") for i in self.infos],
-                "precision": [i.raw.get("ripper.precision", "fp32") for i in self.infos]}
+        """What makes outputs differ: the checkpoints (by hash) and the bag weights (and --explain's extra files)."""
+        out = {"name": self.name, "family": self.family, "weights": self.weights,
+               "checkpoints": [i.raw.get("ripper.checkpoint_sha256") for i in self.infos],
+               "export_version": [i.raw.get("ripper.export_version") for i in self.infos],
+               "precision": [i.raw.get("ripper.precision", "fp32") for i in self.infos]}
+        return out | ({"explain": self.explain} if self.explain else {})
 
 
 class _Unused:

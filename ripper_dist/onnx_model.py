@@ -194,7 +194,7 @@ class OnnxRunner:
         while k < len(batch):
             piece = batch[k:k + (self.max_batch or len(batch))]
             try:
-                parts.append(self._run(piece, run_options))
+                parts.append(self._run(piece) if run_options is None else self._run(piece, run_options))
             except Exception as e:  # noqa: BLE001 - only an allocation failure on a GPU is retried
                 from .gpu_memory import is_out_of_memory
                 if not (self.on_gpu and len(piece) > 1 and is_out_of_memory(e)):
@@ -206,6 +206,15 @@ class OnnxRunner:
                 continue
             k += len(piece)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def run_explained(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An explanation graph's two outputs, `stems` and `band_masks` (no I/O binding: `--explain` is a look
+        inside, not the fast path)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        step = self.max_batch or len(batch)
+        outs = [self.session.run(["stems", "band_masks"], {self._input: batch[k:k + step]})
+                for k in range(0, len(batch), step)]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
     def _run(self, batch: np.ndarray, run_options=None) -> np.ndarray:
         if not self._bind or self._out_item is None:

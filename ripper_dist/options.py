@@ -33,6 +33,7 @@ class SeparateOptions:
     checkpoint: Path | None = None
     config: Path | None = None
     precision: str = "fp32"
+    explain: bool = False  # explanation graphs: Demucs branch terms, RoFormer band masks (extra files per stem)
     # chunking (None = the family's default; a family refuses the ones it cannot honour)
     shifts: int = 0
     seed: int = 0
@@ -134,6 +135,10 @@ class SeparateOptions:
                 bad(f"--{name.replace('_', '-')}", f"{v!r} must be a number of seconds >= 0 (0: no limit)")
         if self.engine not in ENGINES:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
+        if self.explain and len(self.members) > 1:
+            bad("--explain", "explains one model: run it without an ensemble (-n a,b)")
+        if self.explain and not self.shared_fs:
+            bad("--explain", "needs a shared filesystem (the band masks are written beside the parts)")
         if not self.shared_fs and self.engine == "local":
             bad("--no-shared-fs", "is a Ray job option: it does nothing with --engine local")
         members = self.members

@@ -22,8 +22,9 @@ from .atomic import write_text
 
 PARTS_DIR = ".ripper-dist/parts"
 #: Temporary names this package writes beside a stem (`StemWriter`: `.<stem>.<ext>.<12 hex>.tmp|.f32`; `atomic_path`:
-#: `.<name>.<8 random>.tmp`): the only files the cleanup removes from a track folder.
-TEMP_NAME = re.compile(r"^\.[^/]+\.(wav|flac)\.([0-9a-f]{12}\.(tmp|f32)|[a-z0-9_]{8}\.tmp)$")
+#: `.<name>.<8 random>.tmp`, also for `--explain`'s `.npy` files): the only files the cleanup removes from a track
+#: folder.
+TEMP_NAME = re.compile(r"^\.[^/]+\.(wav|flac|npy)\.([0-9a-f]{12}\.(tmp|f32)|[a-z0-9_]{8}\.tmp)$")
 
 
 def parts_root(out_dir: Path, options_key: str) -> Path:
@@ -70,6 +71,13 @@ class PartWriter:
         frames = np.ascontiguousarray(np.moveaxis(np.asarray(block, dtype="<f4"), -1, 0))  # (n, stems, C)
         self._f.write(frames.tobytes())
         self.samples += block.shape[-1]
+
+    def side(self, name: str, arrays: dict) -> None:
+        """Per-stem arrays that are not audio (`--explain`'s band masks): `<part>.<name>.npz`, published before the
+        part itself, so a complete part has them."""
+        from .atomic import atomic_path
+        with atomic_path(self.path.with_name(f"{self.path.name}.{name}.npz")) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     def close(self) -> Path:
         self._f.close()
@@ -131,6 +139,13 @@ class TrackParts:
             return True
         except FileExistsError:
             return False
+
+    def sides(self) -> Iterator[tuple[str, dict]]:
+        """(name, {stem: array}) saved beside the parts by `PartWriter.side`."""
+        for k in range(self.n_spans):
+            for f in sorted(self.dir.glob(f"{self.part(k).name}.*.npz")):
+                with np.load(f) as data:
+                    yield f.name[len(self.part(k).name) + 1:-len(".npz")], {n: data[n] for n in data.files}
 
     def blocks(self, stems: int, channels: int) -> Iterator[np.ndarray]:
         for k in range(self.n_spans):

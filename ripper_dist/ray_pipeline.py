@@ -215,6 +215,8 @@ def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: Tra
     try:
         for block in parts.blocks(len(family.stems), family.channels):
             sink.write(block)
+        for name, arrays in parts.sides():
+            sink.side(name, arrays)
         check_unchanged(path, plan)
     except BaseException:
         sink.abort()

@@ -137,14 +137,17 @@ def summary(job: Job, rows: list[dict], wall_s: float) -> str:
     return "\n".join(lines)
 
 
-def total_duration(tracks: list[TrackInput]) -> float:
-    """Seconds of audio by the files' headers (the local engine's bar; the Ray job learns them on the workers)."""
+def total_duration(tracks: list[TrackInput], limits=None) -> float:
+    """Seconds of audio by the files' headers (the local engine's bar; the Ray job learns them on the workers).
+    limits: a `watchdog.Limits`; a header that cannot be read in time counts 0 (its track meets the deadline)."""
     from .audio import probe
+    from .watchdog import Deadline, Limits, run_with_deadline
+    limits = Limits(min(limits.track_s, 60.0) if limits and limits.track_s else 0.0, 0.0)
     total = 0.0
     for t in tracks:
         try:
-            total += probe(t.path).duration_s
-        except (ValueError, OSError):
+            total += run_with_deadline(lambda d, p=t.path: probe(p), Deadline(limits, str(t.path))).duration_s
+        except (ValueError, OSError):  # TimeoutError is an OSError
             pass
     return total
 
@@ -164,7 +167,7 @@ def run_local(job: Job) -> list[dict]:
     backend = backend_of(runners)
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
-    progress = Progress(total_duration(job.todo), enabled=opts.progress)
+    progress = Progress(total_duration(job.todo, opts.limits()), enabled=opts.progress)
     rows = []
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:

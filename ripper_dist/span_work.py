@@ -94,6 +94,7 @@ def run_span(family: Family, runners, reader, plan: TrackPlan, span: int, batch_
         sink.write(block)
         if progress is not None:
             progress(block.shape[-1])
+    emit.side = getattr(sink, "side", None)  # per-stem arrays that are not audio (--explain's band masks)
 
     family.run_span(runners, reader, plan.length, plan.state, plan.spans[span], batch_size, emit)
     return {"started": started, "finished": time.time(), "compute_s": time.perf_counter() - t0,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .audio import StemWriter
 
 
@@ -38,6 +39,7 @@ class StemSink:
         self.writers = [StemWriter(p, in_rate=model_rate, out_rate=out_rate, out_channels=out_channels,
                                    frames=frames, fmt=fmt, subtype=subtype, clip=clip) for p in self.paths.values()]
         self.samples = 0  # model-rate samples received so far
+        self._side: dict[str, np.ndarray] = {}  # `STEM.NAME` -> array, written as STEM.NAME.npy at close
         self._pending: list[np.ndarray] = []
         self._buffered = 0
 
@@ -57,6 +59,11 @@ class StemSink:
             self._pending = [data[..., n:]]
             self._buffered = data.shape[-1] - n
 
+    def side(self, name: str, arrays: dict) -> None:
+        """Arrays that are not audio, per stem (`--explain`: band masks), saved as `STEM.NAME.npy` beside the stem."""
+        for stem, a in arrays.items():
+            self._side[f"{stem}.{name}"] = np.asarray(a)
+
     def _write(self, block: np.ndarray) -> None:
         for w, stem in zip(self.writers, block):
             w.write(stem)
@@ -68,10 +75,17 @@ class StemSink:
             self._pending, self._buffered = [], 0
             for w in self.writers:
                 w.close()
+            extra = {}
+            for key, a in self._side.items():
+                stem = key.rsplit(".", 1)[0]
+                dest = self.paths[stem].with_name(f"{key}.npy")
+                with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+                    np.save(f, a)
+                extra[key] = dest
         except BaseException:
             self.abort()
             raise
-        return dict(self.paths)
+        return dict(self.paths) | extra
 
     @property
     def peaks(self) -> dict[str, float]:

@@ -163,6 +163,11 @@ class GuardedRunner:
                 timer.cancel()
             deadline._ended_run(ro)
 
+    def run_explained(self, batch):
+        """`--explain`'s two-output run: stops with its track (the chunk timeout applies to the fast path only)."""
+        self.deadline.check()
+        return self.runner.run_explained(batch)
+
 
 def guard(runners: Sequence, deadline: Deadline) -> list:
     """The runners of a bag (None where a sub-model is not needed), guarded by `deadline`."""

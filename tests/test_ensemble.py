@@ -119,6 +119,8 @@ def test_members_must_agree():
         SeparateOptions(model="a,b", ensemble_weights="1,2,3")
     with pytest.raises(ValueError, match="--ensemble"):
         SeparateOptions(model="a,b", ensemble="best_wave")
+    with pytest.raises(ValueError, match="--explain"):
+        SeparateOptions(model="a,b", explain=True)
     assert SeparateOptions(model="a, b", ensemble_weights="2,1").ensemble_weights == (2.0, 1.0)
 
 

@@ -41,6 +41,10 @@ def test_second_run_exports_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_demucs", lambda model, out, **k: out.write_bytes(good))  # as exported
     again = export_demucs_source(resolve_demucs("bag", repo=repo))
     assert graph_problem(graph) is None and ModelBundle.from_exported(again).info.family == "htdemucs"
+    graph.write_bytes(good)  # the same bytes, written again: its mtime differs, its sha256 matches the record
+    assert graph_problem(graph) is None
+    graph.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one bit flipped, same size
+    assert "sha256" in graph_problem(graph)
     monkeypatch.setattr(onnx_export, "export_demucs", refuse)
     # another bag segment is another export
     (repo / "bag.yaml").write_text((repo / "bag.yaml").read_text() + "segment: 1.0\n")
@@ -79,3 +83,31 @@ def _naive(model):
     """A whole-graph fp16 conversion (nothing kept in fp32): about 1 dB from fp32, as measured."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     return convert_float_to_float16(model, keep_io_types=True, op_block_list=[])
+
+
+def test_two_exporters_of_one_entry_make_it_once(tmp_path):
+    """Concurrent commands wanting the same graph: one makes it under the entry's lock, the other waits and uses it;
+    leftovers of a killed export in the entry are removed before making it."""
+    import threading
+    import time
+
+    from ripper_dist.export_cache import cached_graph
+    graph = tmp_path / "entry" / "model.onnx"
+    graph.parent.mkdir()
+    (graph.parent / ".model.onnx.abcd1234.tmp").write_bytes(b"half")  # a killed export's temporary file
+    graph.write_bytes(b"half a graph")  # ... and a graph without its record
+    made = []
+
+    def make(out):
+        made.append(1)
+        time.sleep(0.5)
+        out.write_bytes(b"the graph")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cached_graph(graph, make))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [1] and results == [graph] * 3 and graph.read_bytes() == b"the graph"
+    assert graph_problem(graph) is None and not (graph.parent / ".model.onnx.abcd1234.tmp").exists()
