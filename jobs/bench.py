@@ -2,11 +2,15 @@
 
     python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B|auto]
                                   [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]] [--precision fp32|fp16]
+                                  [--backends ort openvino] [--no-bare] [--isa avx2]
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
         On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
     python jobs/bench.py session  FILE.onnx [--runs 5]
         ORT's memory pattern and arena on/off (each in a child): seconds and peak RSS after each run of one chunk.
+    python jobs/bench.py ops      FILE.onnx [--runs 2] [--threads N]
+        ONNX Runtime's profile by operator type: ms per run, share, GFLOP and GFLOP/s (MatMul/Gemm/Conv, from the
+        profiled shapes), against the measured peak of a large MatMul on the same threads.
     python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
         per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
     python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P]
@@ -174,7 +178,7 @@ def _cleanup(runs: dict) -> None:
 
 
 def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: int | str = 1,
-         precision: str = "fp32"):
+         precision: str = "fp32", backend: str = "ort"):
     """The engine's bag on `device`; returns (bag, batch size the engine feeds), sized as `separate` sizes it."""
     import numpy as np
     from ripper_dist.export_cache import export_demucs_source, with_precision
@@ -183,7 +187,7 @@ def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: in
     from ripper_dist.sources import resolve_demucs
     bundle = ModelBundle.from_exported(with_precision(export_demucs_source(resolve_demucs(name, repo=Path(repo))),
                                                       precision))
-    bag = bundle.demucs_bag(device, threads)
+    bag = bundle.demucs_bag(device, threads, backend=backend)
     rows, fit = batch_plan(batch_size, device)
     if fit:
         rows = max(r.fit_to_gpu(rows) for r in bag.runners)
@@ -194,9 +198,9 @@ def _bag(repo: str, name: str, threads: int, device: str = "cpu", batch_size: in
 
 
 def child_engine(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int | str = 1,
-                 device: str = "cpu", precision: str = "fp32") -> dict:
+                 device: str = "cpu", precision: str = "fp32", backend: str = "ort") -> dict:
     from ripper_dist.engine import separate_array
-    bag, rows = _bag(repo, name, threads, device, batch_size, precision)
+    bag, rows = _bag(repo, name, threads, device, batch_size, precision, backend)
     mix = _load_mix(track)
     with _GpuMemory(device) as mem:
         t0 = time.perf_counter()
@@ -207,10 +211,10 @@ def child_engine(repo: str, name: str, track: str, overlap: float, threads: int,
 
 
 def child_bare(repo: str, name: str, track: str, overlap: float, threads: int, batch_size: int | str = 1,
-               device: str = "cpu", precision: str = "fp32") -> dict:
+               device: str = "cpu", precision: str = "fp32", backend: str = "ort") -> dict:
     """The floor: the same graph runs (same batch size) on ready-made inputs, nothing else."""
     import numpy as np
-    bag, rows = _bag(repo, name, threads, device, batch_size, precision)
+    bag, rows = _bag(repo, name, threads, device, batch_size, precision, backend)
     mix = _load_mix(track)
     tasks = bag.plan(mix.shape[1], overlap=overlap)
     per_model = [sum(t.model == m for t in tasks) for m in range(len(bag.runners))]
@@ -401,10 +405,16 @@ def _machine(device: str = "cpu") -> str:
             f"onnxruntime {onnxruntime.__version__}")
 
 
-def _run_measured(kind: str, **kw) -> dict:
-    """Child process with its peak RSS from wait4 (its own, not the parent's)."""
+#: `--isa avx2`: the switches that cap each runtime's kernels to AVX2 on an AVX-512 machine (to measure what users'
+#: AVX2 desktops get). torch: ATen's dispatch and its oneDNN; OpenVINO: its oneDNN fork, which its own JIT kernels
+#: follow too. ONNX Runtime (MLAS) has no such switch: it always takes the best ISA the CPU has.
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}}
+
+
+def _run_measured(kind: str, isa: str = "", **kw) -> dict:
+    """Child process with its peak RSS from wait4 (its own, not the parent's); `isa` caps its kernels (ISA_ENV)."""
     cmd = [sys.executable, __file__, "_child", kind, json.dumps(kw)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | ISA_ENV.get(isa, {}))
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
@@ -421,37 +431,54 @@ def bench_engine(args) -> None:
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
     common = dict(repo=repo, name=name, track=str(track), overlap=args.overlap, threads=args.threads,
-                  device=args.device)
-    runs: dict[str, list[dict]] = {"upstream": [], "engine": [], "bare": []}
+                  device=args.device, isa=args.isa)
+    engines = [f"engine:{b}" for b in args.backends]
+    runs: dict[str, list[dict]] = {"upstream": [], **{e: [] for e in engines}, "bare": []}
+    if args.no_bare:
+        del runs["bare"]
+    loads = []
     for _ in range(args.rounds):  # interleaved, so a noisy stretch hits every contender alike
+        loads.append(os.getloadavg()[0])
         runs["upstream"].append(_run_measured("upstream", **common))
-        runs["engine"].append(_run_measured("engine", **common, batch_size=args.batch_size, precision=args.precision))
-        runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size, precision=args.precision))
-    a, b = np.load(runs["upstream"][-1]["out"]), np.load(runs["engine"][-1]["out"])
-    sdr = sdr_db(a, b)
+        for e in engines:
+            runs[e].append(_run_measured("engine", **common, batch_size=args.batch_size, precision=args.precision,
+                                         backend=e.split(":")[1]))
+        if "bare" in runs:
+            runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size, precision=args.precision,
+                                              backend=args.backends[0]))
+    a = np.load(runs["upstream"][-1]["out"])
+    sdrs = {e: sdr_db(a, np.load(runs[e][-1]["out"])) for e in engines}
     _cleanup(runs)
-    chunks = runs["engine"][0]["chunks"]
+    chunks = runs[engines[0]][0]["chunks"]
     gflop = chunks * HTDEMUCS_GFLOP_PER_SEGMENT
     gpu = not args.device.startswith("cpu")
     print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, device "
           f"{args.device}, {args.precision}, {args.threads} threads, batch size {args.batch_size} (engine ran "
-          f"{runs['engine'][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds")
-    print(f"# {_machine(args.device)}")
+          f"{runs[engines[0]][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds"
+          + (f", kernels capped to {args.isa} ({' '.join(f'{k}={v}' for k, v in ISA_ENV[args.isa].items())}; "
+             "ONNX Runtime has no cap)" if args.isa else ""))
+    print(f"# {_machine(args.device)}; load average (1 min) at each round's start: "
+          + ", ".join(f"{x:.1f}" for x in loads))
     print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
           + (f"{'peak GPU MB':>13}" if gpu else ""))
     best = {}
-    for key, label in [("upstream", "upstream demucs apply_model"), ("engine", "ripper-dist engine"),
-                       ("bare", "bare ONNX Runtime loop")]:
+    labels = [("upstream", "upstream demucs apply_model")] + [
+        (e, f"ripper-dist engine {e.split(':')[1]}") for e in engines] + [("bare", f"bare {args.backends[0]} loop")]
+    for key, label in labels:
+        if key not in runs:
+            continue
         ws = [r["wall_s"] for r in runs[key]]
         best[key] = (min(ws), float(np.median(ws)))
         print(f"{label:<28}{min(ws):>11.2f}{np.median(ws):>11.2f}{args.seconds / min(ws):>12.3f}"
               f"{gflop / min(ws):>10.1f}{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}"
               + (f"{max(r['gpu_peak_mb'] or 0 for r in runs[key]):>13.0f}" if gpu else ""))
-    print(f"engine / upstream speed: {best['upstream'][0] / best['engine'][0]:.2f}x (min) "
-          f"{best['upstream'][1] / best['engine'][1]:.2f}x (median); engine overhead over bare ORT: "
-          f"{(best['engine'][0] / best['bare'][0] - 1) * 100:.1f}% (min); engine vs upstream output: {sdr:.1f} dB SDR; "
-          + (f"CPU peak {CPU_PEAK_GFLOPS_2_CORES * os.cpu_count() / 2:.0f} GFLOP/s " if not gpu else "")
-          + f"(x-realtime and GFLOP/s from the min; "
+    for e in engines:
+        print(f"{e} / upstream speed: {best['upstream'][0] / best[e][0]:.2f}x (min) "
+              f"{best['upstream'][1] / best[e][1]:.2f}x (median); output vs upstream: {sdrs[e]:.1f} dB SDR")
+    if "bare" in best:
+        print(f"engine overhead over the bare loop: {(best[engines[0]][0] / best['bare'][0] - 1) * 100:.1f}% (min)")
+    print("(" + (f"CPU peak {CPU_PEAK_GFLOPS_2_CORES * os.cpu_count() / 2:.0f} GFLOP/s " if not gpu else "")
+          + f"x-realtime and GFLOP/s from the min; "
           f"GFLOP/s counts upstream's {HTDEMUCS_GFLOP_PER_SEGMENT} GFLOP per segment for every contender)")
 
 
@@ -769,6 +796,104 @@ def bench_graph(args) -> None:
         print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; vs first {sdr:6.1f} dB")
 
 
+def _node_gflop(op: str, ins: list, outs: list) -> float:
+    """Multiply-adds x 2 of one profiled node from its input/output shapes (ORT's profiler records them); 0 for
+    everything that is not a MatMul, Gemm or convolution (elementwise work is bandwidth, not FLOPs)."""
+    import math
+    prod = lambda s: math.prod(s) if s else 0  # noqa: E731
+    if not outs or not ins:
+        return 0.0
+    if op in ("MatMul", "FusedMatMul", "MatMulNBits") and len(ins) >= 2 and ins[0]:
+        return 2 * prod(outs[0]) * ins[0][-1] / 1e9
+    if op == "Gemm" and len(ins) >= 2:
+        return 2 * prod(outs[0]) * ins[0][-1] / 1e9
+    if op in ("Conv", "FusedConv", "NchwcConv") and len(ins) >= 2:
+        return 2 * prod(outs[0]) * prod(ins[1][1:]) / 1e9
+    if op == "ConvTranspose" and len(ins) >= 2:
+        return 2 * prod(ins[0]) * prod(ins[1][1:]) / 1e9
+    return 0.0
+
+
+def _matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a large square MatMul in ONNX Runtime on `threads` threads: the practical peak of these cores."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)],
+                                                  ir_version=8).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    sess.run(None, {"a": a, "b": a})
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, {"a": a, "b": a})
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def bench_ops(args) -> None:
+    """ORT's profile of one graph by operator type: share of time, GFLOP and GFLOP/s per type, against the measured
+    peak of a large MatMul on the same threads (so the distance to the machine's limit is a number)."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+    from ripper_dist.onnx_model import read_info
+    info = read_info(args.file)
+    peak = _matmul_peak(args.threads)
+    prefix = str(_work_dir() / "ops-profile")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    so.enable_mem_pattern = False
+    so.enable_profiling, so.profile_file_prefix = True, prefix
+    sess = ort.InferenceSession(args.file, so, providers=["CPUExecutionProvider"])
+    x = (0.1 * np.random.default_rng(0).standard_normal((1, info.channels, info.chunk_samples))).astype(np.float32)
+    sess.run(None, {"mix": x})  # warm-up, dropped below
+    walls = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"mix": x})
+        walls.append(time.perf_counter() - t0)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    start = runs[1]["ts"] if len(runs) > 1 else 0  # skip the warm-up run
+    per_op = collections.defaultdict(lambda: [0.0, 0.0, 0])  # op -> [seconds, GFLOP, nodes]
+
+    def shapes(key, e):
+        return [next(iter(d.values())) for d in e["args"].get(key, [])]
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < start:
+            continue
+        op = e["args"].get("op_name", "?")
+        rec = per_op[op]
+        rec[0] += e["dur"] / 1e6 / args.runs
+        rec[1] += _node_gflop(op, shapes("input_type_shape", e), shapes("output_type_shape", e)) / args.runs
+        rec[2] += 1
+    total_s = sum(r[0] for r in per_op.values())
+    total_gflop = sum(r[1] for r in per_op.values())
+    print(f"# ONNX Runtime by operator, {args.file} ({info.family}, chunk {info.chunk_samples}), batch 1, "
+          f"{args.threads} threads, {args.runs} profiled runs after a warm-up; load average {os.getloadavg()[0]:.1f}")
+    print(f"# {_machine()}")
+    print(f"{'operator':<28}{'ms/run':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'% peak':>8}")
+    for op, (s, gf, _) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        rate = gf / s if s else 0
+        print(f"{op:<28}{s * 1e3:>9.0f}{100 * s / total_s:>7.1f}%{gf:>9.1f}{rate:>9.1f}"
+              + (f"{100 * rate / peak:>7.0f}%" if gf else ""))
+    wall = float(np.median(walls))
+    print(f"total: {total_s:.2f} s of kernels per run (wall {min(walls):.2f} min / {wall:.2f} median), "
+          f"{total_gflop:.1f} GFLOP of MatMul/Gemm/Conv per chunk = {total_gflop / min(walls):.1f} GFLOP/s; "
+          f"large MatMul peak on the same {args.threads} threads: {peak:.1f} GFLOP/s "
+          f"({100 * total_gflop / min(walls) / peak:.0f}% of peak; at peak this chunk would take "
+          f"{total_gflop / peak:.2f} s)")
+
+
 def child_session(path: str, pattern: bool, arena: bool, runs: int, threads: int) -> dict:
     """One plain ORT session, `runs` runs of one chunk: seconds and peak RSS after each (session options A/B)."""
     import resource
@@ -838,6 +963,10 @@ def main(argv=None):
         p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graphs (as separate)")
         p.add_argument("--tracks", type=int, default=10)
         p.add_argument("--rounds", type=int, default=1, help="engine: interleaved rounds of all contenders")
+        p.add_argument("--backends", nargs="+", default=["ort"], choices=["ort", "openvino"],
+                       help="engine: one engine contender per CPU backend (the bare loop uses the first)")
+        p.add_argument("--no-bare", action="store_true", help="engine: skip the bare loop")
+        p.add_argument("--isa", choices=["", "avx2"], default="", help="cap the children's kernels (ISA_ENV)")
     p = sub.add_parser("memory")
     p.add_argument("--small", type=int, default=20)
     p.add_argument("--large", type=int, default=200)
@@ -855,6 +984,11 @@ def main(argv=None):
     p.add_argument("file", help="an exported .onnx graph")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p = sub.add_parser("ops")
+    p.add_argument("file", help="an exported .onnx graph")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p = sub.add_parser("graph")
     p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
     p.add_argument("--reps", type=int, default=4)
@@ -862,7 +996,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
-     "roformer": bench_roformer, "session": bench_session}[args.what](args)
+     "roformer": bench_roformer, "session": bench_session, "ops": bench_ops}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,15 @@
 # --budget (default 540 s: the whole run fits in about 9 minutes on one H200 with 16 cores); a failing or timed-out
 # step is recorded and the next one runs. A summary with every step's exit status ends the file.
 #   env            nvidia-smi, versions, onnxruntime.get_available_providers(), and a CUDA session that really runs
-#                  (MatMul through cuBLAS, Conv through cuDNN) on the GPU, checked against numpy
+#                  (MatMul through cuBLAS, Conv through cuDNN) on the GPU, checked against numpy (after the gpu
+#                  extra's libraries are preloaded, as ripper-dist does), then `ripper-dist doctor -d cuda`
 #   engine         python jobs/bench.py engine --seconds 60 --device cuda            (fp32, --batch-size auto)
 #   tests          python -m pytest -q tests/gpu
 #   engine-fp16    python jobs/bench.py engine --seconds 60 --device cuda --precision fp16
+#   trt            python jobs/bench.py engine --seconds 60 --device tensorrt --no-bare  (TensorRT fp32 vs torch)
 #   roformer       python jobs/bench.py roformer --config vocals --seconds 30 --device cuda
 #   cli            python jobs/bench.py cli --seconds 60 --device cuda       (demucs CLI vs separate, local and Ray)
+#   trt-fp16       python jobs/bench.py engine --seconds 60 --device tensorrt --precision fp16 --no-bare
 #   engine-b1      python jobs/bench.py engine --seconds 60 --device cuda --batch-size 1   (batching's share)
 #   roformer-fp16  python jobs/bench.py roformer --config vocals --seconds 30 --device cuda --precision fp16
 # --quick: 10 s tracks (a plumbing check, e.g. `--device cpu --quick --only env,engine --no-install --no-background`
@@ -82,7 +85,7 @@ MODE=run
 PACK_DIR=""
 BACKGROUND=1
 ARGS="$*"
-ALL_STEPS="env engine tests engine-fp16 roformer cli engine-b1 roformer-fp16"
+ALL_STEPS="env engine tests engine-fp16 trt roformer cli trt-fp16 engine-b1 roformer-fp16"
 
 while (($#)); do
   case $1 in
@@ -213,7 +216,9 @@ install_offline() {
 }
 
 install_online() {
-  if grep -Eq '^[[:space:]]*gpu[[:space:]]*=' pyproject.toml; then
+  if grep -Eq '^[[:space:]]*tensorrt[[:space:]]*=' pyproject.toml; then
+    "$PY" -m pip install -q -e ".[gpu,tensorrt,export,test]"   # tensorrt: TensorRT 10 wheels for the trt steps
+  elif grep -Eq '^[[:space:]]*gpu[[:space:]]*=' pyproject.toml; then
     "$PY" -m pip install -q -e ".[gpu,export,test]"
   else
     echo "pyproject has no gpu extra: .[export,test], then onnxruntime-gpu in place of onnxruntime"
@@ -471,6 +476,11 @@ model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 model.ir_version = 8
 so = ort.SessionOptions()
 so.log_severity_level = 3
+try:  # the CUDA/cuDNN wheels of the gpu extra, as ripper-dist loads them before its first GPU session
+    from ripper_dist.gpu_libs import preload
+    print("preloaded from wheels (TensorRT):", preload())
+except Exception as e:  # noqa: BLE001
+    print("ripper_dist.gpu_libs.preload failed:", e)
 try:
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 except Exception as e:  # noqa: BLE001
@@ -487,6 +497,10 @@ ok = sess.get_providers()[0] == "CUDAExecutionProvider" and err < 1e-2
 print(f"CUDA session {'RUNS on the GPU' if ok else 'DOES NOT run on the GPU'}: MatMul+Conv, max rel. error {err:.1e}")
 sys.exit(0 if ok else 4)
 EOF
+  local rc=$?
+  echo "--- ripper-dist doctor -d $DEVICE"
+  "$PY" -m ripper_dist.cli doctor -d "$DEVICE" || ((rc)) || rc=5
+  return $rc
 }
 
 bench() {  # bench SUBCOMMAND ARGS...: jobs/bench.py with the step's thread count
@@ -520,6 +534,10 @@ for step in $ALL_STEPS; do
       run_step engine-fp16 180 bench engine --seconds "$SECS" --device "$DEVICE" --precision fp16 ;;
     roformer) wait_prepared 300 roformer-vocals; fg_pin; export FG_THREADS
       run_step roformer 300 bench roformer --config vocals --seconds "$RSECS" --device "$DEVICE" ;;
+    trt) wait_prepared 180 htdemucs-fp32; fg_pin; export FG_THREADS
+      run_step trt 200 bench engine --seconds "$SECS" --device "${DEVICE/cuda/tensorrt}" --no-bare ;;
+    trt-fp16) wait_prepared 180 htdemucs-fp16; fg_pin; export FG_THREADS
+      run_step trt-fp16 200 bench engine --seconds "$SECS" --device "${DEVICE/cuda/tensorrt}" --precision fp16 --no-bare ;;
     cli) run_step cli 200 "$PY" jobs/bench.py cli --seconds "$SECS" --device "$DEVICE" ;;
     engine-b1) run_step engine-b1 150 bench engine --seconds "$SECS" --device "$DEVICE" --batch-size 1 ;;
     roformer-fp16) wait_prepared 200 roformer-vocals; fg_pin; export FG_THREADS

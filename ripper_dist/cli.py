@@ -83,6 +83,9 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                    help="avoid clipping: rescale a stem that peaks above 1 (default, as demucs), clamp, or none")
     g = p.add_argument_group("execution")
     g.add_argument("-d", "--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (default cpu)")
+    g.add_argument("--backend", choices=["auto", "ort", "openvino"], default="auto",
+                   help="CPU runtime for the ONNX graph: ONNX Runtime, OpenVINO (if installed), or auto (default): "
+                        "measured once per machine and model, OpenVINO only when >= 10%% faster")
     g.add_argument("-j", "--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     g.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
                    help="ray (an embedded local Ray, or the cluster at --address), local (one process), or auto "
@@ -117,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)")
     _add_model_args(p)
     p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder")
+
+    p = sub.add_parser("doctor", help="execution providers that start here (and why not), GPUs seen by NVML and "
+                                      "Ray, CPU backends")
+    p.add_argument("-d", "--device", help="exit 1 unless this device (cpu, cuda, tensorrt) starts")
+    p.add_argument("--address", help="also count the GPUs of this Ray cluster")
 
     p = sub.add_parser("separate", help="separate tracks into stems")
     _add_separate_args(p)
@@ -188,11 +196,16 @@ def separate_options(args) -> "SeparateOptions":
         config=args.config, precision=args.precision, explain=args.explain, shifts=args.shifts, seed=args.seed,
         overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
         two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
-        device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
+        device=args.device, backend=args.backend, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, track_timeout=args.track_timeout,
         chunk_timeout=args.chunk_timeout, force=args.force, progress=not args.no_progress,
         verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo, ensemble=args.ensemble,
         ensemble_weights=args.ensemble_weights)
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import report
+    return report(args.device, args.address)
 
 
 def cmd_separate(args) -> int:
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate,
+        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate, "doctor": cmd_doctor,
                 "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -120,11 +120,11 @@ class EnsembleBundle:
     is_roformer = False
 
     def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
-                max_batch: int | None = None) -> list:
+                max_batch: int | None = None, backend: str = "ort") -> list:
         out = []
         for m, off in zip(self.members, self.offsets):
             own = None if models is None else {i - off for i in models if off <= i < off + len(m.graphs)}
-            out.extend(m.runners(device, threads, own, max_batch))
+            out.extend(m.runners(device, threads, own, max_batch, backend=backend))
         return out
 
     def identity(self) -> dict:

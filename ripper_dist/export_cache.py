@@ -163,7 +163,7 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
             model.segment = segment  # upstream BagOfModels rule for HTDemucs
         export_demucs(model, out, opset=opset, explain=explain, metadata={
             "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
-            "ripper.export_options": json.dumps(options, sort_keys=True)})
+            "ripper.export_options": json.dumps(options, sort_keys=True)}, progress=sys.stderr)
 
     return cached_graph(out, make)
 

@@ -40,6 +40,7 @@ SCHEMA = pa.schema([
     ("node", pa.string()),
     ("worker", pa.string()),
     ("engine", pa.string()),          # local | ray
+    ("backend", pa.string()),         # runtime that ran the graph: ort | openvino (cpu_backend)
 ])
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .export_cache import ExportedModel, export_demucs_source
-from .onnx_model import GraphInfo, OnnxRunner, read_info
+from .onnx_model import GraphInfo, read_info
 
 from .options import ROFORMER_FAMILIES
 
@@ -105,26 +105,29 @@ class ModelBundle:
         return self.info.raw.get("ripper.explain") or None
 
     def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
-                max_batch: int | None = None) -> list:
-        """One ONNX Runtime runner per sub-model (a placeholder where `models` says it is not needed).
+                max_batch: int | None = None, backend: str = "ort") -> list:
+        """One runner per sub-model (a placeholder where `models` says it is not needed), on `backend` (`ort`,
+        `openvino`, or `auto`: see cpu_backend).
 
         max_batch: the largest batch the runners will be given (TensorRT builds its engine profile for it)."""
-        return [OnnxRunner(g, device, threads, max_batch=max_batch) if models is None or m in models
-                else _Unused(i.chunk_samples) for m, (g, i) in enumerate(zip(self.graphs, self.infos))]
+        from .cpu_backend import make_runners
+        wanted = [g if models is None or m in models else None for m, g in enumerate(self.graphs)]
+        made = make_runners(wanted, device, threads, backend, max_batch=max_batch)
+        return [r if r is not None else _Unused(i.chunk_samples) for r, i in zip(made, self.infos)]
 
     def roformer_runner(self, device: str = "cpu", threads: int | None = None,
-                        max_batch: int | None = None) -> OnnxRunner:
+                        max_batch: int | None = None, backend: str = "ort"):
         if not self.is_roformer:
             raise ValueError(f"{self.name} is a {self.family} model, not a RoFormer")
-        return OnnxRunner(self.graphs[0], device, threads, max_batch=max_batch)
+        return self.runners(device, threads, max_batch=max_batch, backend=backend)[0]
 
     def demucs_bag(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
-                   max_batch: int | None = None):
+                   max_batch: int | None = None, backend: str = "ort"):
         """The engine's `DemucsBag` over ONNX Runtime runners."""
         from .engine import DemucsBag
         if self.is_roformer:
             raise ValueError(f"{self.name} is a {self.family} model, not Demucs")
-        return DemucsBag(self.runners(device, threads, models, max_batch), self.full_weights,
+        return DemucsBag(self.runners(device, threads, models, max_batch, backend=backend), self.full_weights,
                          [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,
                          self.info.channels, name=self.name)
 

@@ -117,6 +117,9 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
     kind, _ = parse_device(device)
+    if kind != "cpu":  # CUDA/cuDNN/TensorRT from the `gpu` extra's wheels, before the provider looks for them
+        from .gpu_libs import preload
+        preload()
     providers = providers_for(device, trt_shapes=_trt_shapes(model, max_batch) if kind == "tensorrt" else None)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if wanted not in ort.get_available_providers():
@@ -160,6 +163,8 @@ class OnnxRunner:
     (hundreds of MB) output. A batch larger than `max_batch` is run in pieces; on a GPU, a piece that fails to
     allocate halves `max_batch` and is retried, so a batch never dies of memory while one chunk still fits.
     """
+
+    backend = "ort"
 
     def __init__(self, model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
                  *, profile: str | None = None, spin: bool = True, bind: bool | None = None,

@@ -49,6 +49,7 @@ class SeparateOptions:
     clip_mode: str = "rescale"
     # placement
     device: str = "cpu"
+    backend: str = "auto"  # CPU runtime: ort, openvino, or auto (measured once per machine and graph)
     threads: int | None = None
     engine: str = "auto"
     address: str | None = None
@@ -119,6 +120,11 @@ class SeparateOptions:
             object.__setattr__(self, "device", canonical(self.device))
         except ValueError as e:
             bad("--device", str(e))
+        from .cpu_backend import BACKENDS
+        if self.backend not in BACKENDS:
+            bad("--backend", f"{self.backend!r}: use one of {BACKENDS}")
+        if self.backend == "openvino" and self.device != "cpu":
+            bad("--backend", f"openvino runs on the CPU only, not --device {self.device}")
         for name in ("threads", "actors", "num_cpus"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -26,6 +26,7 @@ not finish (driver killed) is redone by the next run; its leftover parts are rem
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -112,10 +113,12 @@ def _plan(row: dict, *, spec: JobSpec) -> list[dict]:
 
 
 # -- stage 2: separate spans ----------------------------------------------------------------------------------------
-def onnx_runners(graphs: list, device: str, threads: int | None, max_batch: int) -> list:
-    from .onnx_model import OnnxRunner
-    return [OnnxRunner(g, device, threads, spin=False, max_batch=max_batch) if g is not None else None
-            for g in graphs]  # None: a sub-model no selected stem needs (never called)
+def onnx_runners(graphs: list, device: str, threads: int | None, max_batch: int, backend: str = "ort") -> list:
+    """The actor's runners on `backend` (`auto` is resolved on the actor's own machine: cluster nodes differ).
+    None: a sub-model no selected stem needs (never called). ORT does not busy-wait here (the actor shares its
+    cores with planning and finishing tasks)."""
+    from .cpu_backend import make_runners
+    return make_runners(graphs, device, threads, backend, spin=False, max_batch=max_batch)
 
 
 class SpanSeparator:
@@ -126,7 +129,9 @@ class SpanSeparator:
         import ray
 
         from .onnx_model import fit_runners
+        from .cpu_backend import backend_of
         self.runners = make_runners(ray.get(list(graph_refs)), device, threads, batch_size)
+        self.backend = backend_of(self.runners)
         if fit_gpu:  # `--batch-size auto`: each session measures what its GPU holds (and halves on OOM)
             batch_size = fit_runners(self.runners, batch_size)
         self.spec, self.batch_size = spec, batch_size
@@ -154,7 +159,7 @@ class SpanSeparator:
             raise
         paths = sink.close()
         row = spec.rows.done(path, track, plan=plan, paths=paths, started=info["started"], finished=time.time(),
-                             node=self.node, worker=self.actor)
+                             node=self.node, worker=self.actor, backend=self.backend)
         return info, json.dumps(row)
 
     def _one(self, deadline: Deadline, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
@@ -169,7 +174,7 @@ class SpanSeparator:
         except BaseException:
             writer.abort()
             raise
-        parts.mark(span, info | {"actor": self.actor, "node": self.node})
+        parts.mark(span, info | {"actor": self.actor, "node": self.node, "backend": self.backend})
         return info
 
     def __call__(self, batch: dict) -> dict:
@@ -221,7 +226,7 @@ def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: Tra
     actors = sorted({m["actor"] for m in metas})
     return spec.rows.done(path, track, plan=plan, paths=paths, started=min(m["started"] for m in metas),
                           finished=time.time(), node=",".join(sorted({m["node"] for m in metas})),
-                          worker=",".join(actors))
+                          worker=",".join(actors), backend=",".join(sorted({m.get("backend", "") for m in metas})))
 
 
 def _finish(batch: dict, *, spec: JobSpec) -> dict:
@@ -374,6 +379,8 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
     if not tracks:
         return []
     opts = job.opts
+    if make_runners is onnx_runners:
+        make_runners = functools.partial(onnx_runners, backend=opts.backend)
     rows_out: list[dict] = []
     closed: set[int] = set()
     progress = None

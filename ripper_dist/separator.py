@@ -155,13 +155,16 @@ def total_duration(tracks: list[TrackInput], limits=None) -> float:
 def run_local(job: Job) -> list[dict]:
     """Tracks one after another in this process: each track is one span of the shared work unit, under a deadline
     (`watchdog`); any exception fails its track only (its row, its traceback in errors.log)."""
+    from .cpu_backend import backend_of
     from .onnx_model import batch_plan, fit_runners
     from .span_work import separate_track
     from .watchdog import Deadline, guard, run_with_deadline
     opts, family = job.opts, job.family
     rows_ctx = job.rows("local")
     batch_size, fit_gpu = batch_plan(opts.batch_size, opts.device)
-    runners = job.bundle.runners(opts.device, opts.threads, family.models, max_batch=batch_size)
+    runners = job.bundle.runners(opts.device, opts.threads, family.models, max_batch=batch_size,
+                                 backend=opts.backend)
+    backend = backend_of(runners)
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
     progress = Progress(total_duration(job.todo, opts.limits()), enabled=opts.progress)
@@ -177,7 +180,8 @@ def run_local(job: Job) -> list[dict]:
                     progress=lambda n: progress.update(n / family.sample_rate), deadline=d),
                     Deadline(opts.limits(), str(track.path)))
                 row = rows_ctx.done(str(track.path), track.track, plan=plan, paths=paths, started=started,
-                                    finished=time.time(), node=socket.gethostname(), worker=worker)
+                                    finished=time.time(), node=socket.gethostname(), worker=worker,
+                                    backend=backend)
             except Exception as e:  # noqa: BLE001 - one track's failure is its row, never the job's end
                 row = rows_ctx.failed(str(track.path), track.track, one_line(e), started_at=started,
                                       node=socket.gethostname(), worker=worker, traceback=format_traceback(e))

@@ -37,11 +37,29 @@ def ckpts(tmp_path_factory):
     }
 
 
+_PROGRESS: dict = {}  # the export progress lines of exported4, by its path
+
+
 @pytest.fixture(scope="module")
 def exported4(ckpts, tmp_path_factory):
+    import io
     out = tmp_path_factory.mktemp("onnx4") / "htdemucs.onnx"
-    meta = export_demucs(ckpts[4], out, metadata={"ripper.model_name": "unit"})
+    lines = io.StringIO()
+    meta = export_demucs(ckpts[4], out, metadata={"ripper.model_name": "unit"}, progress=lines)
+    _PROGRESS[out] = lines.getvalue()
     return out, meta
+
+
+def test_export_says_what_it_is_doing(exported4):
+    """One line per step as it starts, numbered k/5, with the elapsed time; then where the graph went."""
+    out, meta = exported4
+    lines = _PROGRESS[out].splitlines()
+    assert [ln.split("]")[0] for ln in lines[:5]] == [f"export [{k}/5" for k in range(1, 6)]
+    assert "tracing" in lines[1] and "reference" in lines[2] and "parity" in lines[3]
+    assert f"parity {float(meta['ripper.parity_sdr_db']):.1f} dB" in lines[4]
+    assert lines[5].startswith("export done: ") and str(out) in lines[5]
+    seconds = [float(ln.rsplit("(", 1)[1].split(" s)")[0]) for ln in lines]
+    assert seconds == sorted(seconds)
 
 
 # ---------------------------------------------------------------- torch-side wrapper, no ONNX

@@ -1,0 +1,198 @@
+"""Which runtime runs a graph on the CPU: ONNX Runtime or OpenVINO, both reading the same ONNX file.
+
+Neither wins everywhere (kernels differ per instruction set and per graph), so `--backend auto` (the default)
+measures both once per machine and graph and remembers the answer in `backends.json` in the user cache. ONNX
+Runtime stays unless OpenVINO is at least `MARGIN` faster: a switch for noise would make outputs differ between
+machines for nothing. GPU devices always use ONNX Runtime (CUDA/TensorRT providers).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "ort", "openvino")
+#: OpenVINO must be this much faster (time ratio) for `auto` to choose it.
+MARGIN = 0.10
+#: timed runs of each backend, alternating, after one untimed warm-up each (the minimum counts)
+TIMED_RUNS = 2
+
+
+def machine_key() -> str:
+    """CPU model, the instruction-set flags that pick kernels, cores and runtime versions: a cached choice is only
+    reused where all of these match (a cluster's nodes differ; an upgrade changes kernels). Not the threads of the
+    session: one machine makes one choice, so the local engine and Ray actors (fewer threads each) on it write the
+    same bytes."""
+    import onnxruntime
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+                                           "amx_tile", "avx_vnni"})
+    versions = [f"ort{onnxruntime.__version__}"]
+    with contextlib.suppress(ImportError):
+        import openvino
+        versions.append(f"ov{openvino.__version__.split('-')[0]}")
+    from .onnx_model import _usable_cores
+    return "|".join([cpu, ",".join(isa), f"{_usable_cores()}cores", *versions])
+
+
+def graph_key(graph: bytes) -> str:
+    """The graph's architecture, not its weights: operators, their attributes and the initializers' shapes. Speed
+    depends on these only, so a bag's members (and any checkpoint of the same model) share one measurement, and
+    however the graphs of a job are grouped (local engine per model, Ray actor over all) the choice is the same."""
+    import onnx
+    proto = onnx.load_model(io.BytesIO(graph), load_external_data=False)
+    h = hashlib.sha256()
+    for init in proto.graph.initializer:
+        h.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
+    for node in proto.graph.node:
+        h.update(f"{node.op_type}({','.join(node.input)})->{','.join(node.output)}".encode())
+        for a in node.attribute:
+            if a.type != onnx.AttributeProto.TENSOR:  # constant tensors are weights too
+                h.update(a.SerializeToString())
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        h.update(value.SerializeToString())
+    return h.hexdigest()[:16]
+
+
+def _cache_file() -> Path:
+    from .sources import cache_dir
+    return cache_dir() / "backends.json"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """One measurer per machine at a time (Ray actors start together; a measurement under contention is wrong)."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def choose(times: dict[str, float], margin: float = MARGIN) -> str:
+    """The backend to use from measured seconds per chunk: OpenVINO only when faster by more than `margin`."""
+    ort_s, ov_s = times.get("ort"), times.get("openvino")
+    if ort_s is None or ov_s is None:
+        return "ort" if ov_s is None else "openvino"
+    return "openvino" if ov_s < (1 - margin) * ort_s else "ort"
+
+
+def make_runner(backend: str, graph: bytes | str | Path, device: str = "cpu", threads: int | None = None, **kw):
+    """A runner of a concrete backend (`ort` or `openvino`)."""
+    if backend == "openvino":
+        from .openvino_model import OpenVinoRunner
+        return OpenVinoRunner(graph, device, threads, max_batch=kw.get("max_batch"))
+    from .onnx_model import OnnxRunner
+    return OnnxRunner(graph, device, threads, **kw)
+
+
+def measure(graph: bytes, threads: int | None, **kw) -> tuple[dict[str, float], dict]:
+    """Seconds per chunk (batch 1) of each available backend, alternating runs; returns (times, runners built)."""
+    from .openvino_model import available
+    from .onnx_model import read_info
+    info = read_info(graph)
+    x = (0.1 * np.random.default_rng(0).standard_normal((1, info.channels, info.chunk_samples))).astype(np.float32)
+    names = ["ort"] + (["openvino"] if available() else [])
+    runners = {n: make_runner(n, graph, "cpu", threads, **(kw if n == "ort" else {"max_batch": kw.get("max_batch")}))
+               for n in names}
+    for r in runners.values():
+        r(x)  # warm-up: first-run allocations, OpenVINO's compilation for this shape
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(TIMED_RUNS):
+        for n, r in runners.items():
+            t0 = time.perf_counter()
+            r(x)
+            times[n].append(time.perf_counter() - t0)
+    return {n: min(ts) for n, ts in times.items()}, runners
+
+
+def resolve(backend: str, device: str, graph: bytes, threads: int | None, **kw) -> tuple[str, object | None]:
+    """(concrete backend, a runner for `graph` already built while measuring, or None)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: use one of {BACKENDS}")
+    if device != "cpu":
+        if backend == "openvino":
+            raise ValueError(f"--backend openvino runs on the CPU only, not --device {device}")
+        return "ort", None
+    if backend != "auto":
+        if backend == "openvino":
+            from .openvino_model import available
+            if not available():
+                raise RuntimeError('--backend openvino: the openvino package is not installed '
+                                   '(pip install -e ".[openvino]")')
+        return backend, None
+    from .openvino_model import available
+    if not available():
+        return "ort", None
+    mkey, gkey = machine_key(), graph_key(graph)
+    path = _cache_file()
+    with _locked(path):
+        known = _read(path).get(mkey, {}).get(gkey)
+        if known:
+            return known["backend"], None
+        print("--backend auto: timing ONNX Runtime and OpenVINO on this graph (once per machine and model)",
+              file=sys.stderr, flush=True)
+        times, runners = measure(graph, threads, **kw)
+        chosen = choose(times)
+        print(f"--backend auto: {chosen} ({', '.join(f'{k} {v:.2f} s' for k, v in times.items())} per chunk; "
+              f"cached in {path})", file=sys.stderr, flush=True)
+        data = _read(path)
+        data.setdefault(mkey, {})[gkey] = {"backend": chosen, "seconds_per_chunk": times, "threads": threads,
+                                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        from .atomic import write_text
+        write_text(path, json.dumps(data, indent=1, sort_keys=True))
+    log.info("backend auto: %s (seconds per chunk %s)", chosen, times)
+    return chosen, runners[chosen]
+
+
+def backend_of(runners) -> str:
+    """The backend name of built runners (for the metadata row): `ort`, `openvino`, or '' for injected runners."""
+    return next((getattr(r, "backend", "") for r in runners if r is not None and hasattr(r, "backend")), "")
+
+
+def make_runners(graphs: list, device: str, threads: int | None, backend: str = "auto", **kw) -> list:
+    """One runner per graph (None stays None: a sub-model no selected stem needs). `auto` is resolved per graph
+    architecture (`graph_key`): a bag's members share one measurement, an ensemble's Demucs and RoFormer members
+    get their own."""
+    out = []
+    for g in graphs:
+        if g is None:
+            out.append(None)
+            continue
+        data = g if isinstance(g, bytes) else Path(g).read_bytes()
+        concrete, ready = resolve(backend, device, data, threads, **kw)
+        if ready is not None:
+            out.append(ready)
+        elif concrete == "openvino":
+            out.append(make_runner("openvino", data, device, threads, max_batch=kw.get("max_batch")))
+        else:
+            out.append(make_runner("ort", g, device, threads, **kw))
+    return out
