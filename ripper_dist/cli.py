@@ -1,8 +1,9 @@
 """`ripper-dist` command line: `models`, `export`, `separate`.
 
-Flags follow `demucs` (`-n/--name`, `--repo`, `--shifts`, `--overlap`, `--segment`, `--two-stems`, `--int24`,
-`--float32`, `--flac`, `--clip-mode`, `-d/--device`, `-o/--out`) with audio-separator-style long forms (`--model`,
-`--checkpoint`, `--config`, `--format`, `--subtype`, `--stems`).
+Flags follow `demucs` (`-n/--name`, `--repo`, `--shifts`, `--overlap`, `--segment`, `--two-stems`, `--other-method`,
+`--int24`, `--float32`, `--flac`, `--mp3`, `--mp3-bitrate`, `--filename`, `--clip-mode`, `-d/--device`, `-o/--out`,
+`-j/--jobs`) with audio-separator-style long forms (`--model`, `--checkpoint`, `--config`, `--format`, `--subtype`,
+`--stems`, `--sample-rate`). Every option is checked before a model is loaded: a mistake is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .encoders import FORMATS
+from .stem_sink import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
     from .options import SeparateOptions
@@ -35,6 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-n", "--name", "--model", dest="model", default="htdemucs",
                    help="released Demucs model (htdemucs, htdemucs_ft, htdemucs_6s), a bag/signature in --repo, or "
                         "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs)")
+    g.add_argument("--onnx", type=Path, metavar="FILE.onnx",
+                   help="an exported graph (from `ripper-dist export -o DIR`): separates without the checkpoint or "
+                        "torch; its metadata carries the stems, rate and configuration")
     g.add_argument("--repo", type=Path, help="local Demucs repo: NAME.yaml bags and <sig>[-<sha8>].th files")
     g.add_argument("--checkpoint", type=Path, help="a single checkpoint: Demucs .th, or a RoFormer .ckpt/.pth")
     g.add_argument("--config", type=Path, help="RoFormer YAML config shipped with the checkpoint")
@@ -59,49 +65,84 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                    help="chunks per ONNX Runtime run, or auto (default): 1 on the CPU; on a GPU as many as its free "
                         "memory holds (measured, at most 16), halved if a batch fails to allocate")
     g.add_argument("--stems", help="comma-separated stems to keep (default: all)")
-    g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (mix minus STEM)")
+    g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (see --other-method)")
+    g.add_argument("--other-method", choices=["add", "minus", "none"],
+                   help="with --two-stems: no_STEM as the sum of the other sources (add, default), as the mix minus "
+                        "STEM (minus), or not written (none); as demucs")
     g.add_argument("--then", action="append", metavar="STEM=MODEL",
                    help="chain: split the STEM this model wrote with MODEL (a Demucs name, or a bag in --then-repo); "
-                        "stems land in OUT/STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... --then other=htdemucs")
+                        "stems land in OUT/<model>.STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... "
+                        "--then other=htdemucs")
     g.add_argument("--then-repo", type=Path, help="local Demucs repo for the --then models")
     g = p.add_argument_group("output")
-    g.add_argument("--format", choices=["wav", "flac"], default="wav")
+    g.add_argument("--filename", default=DEFAULT_TEMPLATE,
+                   help="stem path inside OUT, with {track} (input name), {trackext} (its extension), {stem}, "
+                        "{ext} and {model} (default: %(default)s, as demucs)")
+    g.add_argument("--format", choices=list(FORMATS), default="wav",
+                   help="wav (default), flac, mp3, ogg (Vorbis), opus (48 kHz) or m4a (AAC, needs PyAV)")
     g.add_argument("--flac", action="store_const", const="flac", dest="format", help="same as --format flac")
-    g.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16")
+    g.add_argument("--mp3", action="store_const", const="mp3", dest="format", help="same as --format mp3")
+    g.add_argument("--bitrate", "--mp3-bitrate", type=int, metavar="KBPS", dest="bitrate",
+                   help="mp3/m4a bitrate in kbps (default 320)")
+    g.add_argument("--sample-rate", type=int, metavar="HZ", help="output sample rate (default: the input's)")
+    g.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], help="wav/flac sample format (default PCM_16)")
     g.add_argument("--int24", action="store_const", const="PCM_24", dest="subtype", help="same as --subtype PCM_24")
     g.add_argument("--float32", action="store_const", const="FLOAT", dest="subtype", help="same as --subtype FLOAT")
     g.add_argument("--clip-mode", choices=["rescale", "clamp", "none"], default="rescale",
                    help="avoid clipping: rescale a stem that peaks above 1 (default, as demucs), clamp, or none")
     g = p.add_argument_group("execution")
     g.add_argument("-d", "--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (default cpu)")
-    g.add_argument("-j", "--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    g.add_argument("-j", "--jobs", type=int, dest="actors", metavar="N",
+                   help="parallel workers, as demucs' -j: N ONNX Runtime actors sharing the cores (implies the Ray "
+                        "engine; default: one per GPU, or cores / threads)")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores for one)")
     g.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
                    help="ray (an embedded local Ray, or the cluster at --address), local (one process), or auto "
                         "(default): ray, except for a single track without --address, where Ray's start-up costs "
                         "more than it gains")
     g.add_argument("--address", help="Ray cluster address (e.g. auto inside `ray job submit`, or ray://head:10001)")
-    g.add_argument("--actors", type=int, help="ONNX Runtime actors (default: one per GPU, or cores / threads)")
+    g.add_argument("--actors", type=int, dest="actors", help=argparse.SUPPRESS)  # the older name of -j/--jobs
     g.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     g.add_argument("--no-shared-fs", dest="shared_fs", action="store_false",
                    help="the cluster's nodes cannot see INPUT and OUT (no NFS): this node reads the inputs and writes "
                         "the stems; workers get model-rate windows and send back their separated spans over Ray")
     g.add_argument("--force", action="store_true", help="redo tracks already done in OUT")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log what happens, Ray's own logging included (else in OUT/.ripper-dist/ray.log)")
+
+
+EXAMPLES = """examples:
+  ripper-dist separate song.mp3 -o separated                    # separated/htdemucs/song/{drums,bass,other,vocals}.wav
+  ripper-dist separate album/ -n htdemucs_ft --two-stems vocals --mp3 --mp3-bitrate 256
+  ripper-dist separate list.txt -n htdemucs_6s --flac --int24 --filename "{track}-{stem}.{ext}"
+  ripper-dist separate song.wav --repo demo/models -n demo      # a local Demucs repo (NAME.yaml + .th files)
+  ripper-dist separate song.wav -n mel_band_roformer --config kj.yaml --checkpoint kj.ckpt
+  ripper-dist export -n htdemucs -o graphs/ && ripper-dist separate song.wav --onnx graphs/htdemucs.onnx
+  ripper-dist models                                            # released models and cached exports
+
+metadata.parquet in OUT has one row per (model, input); rerun a command to resume it.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ripper-dist", description=__doc__.splitlines()[0])
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="ripper-dist", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"ripper-dist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,export,separate}")
 
-    sub.add_parser("models", help="list released models and cached exports")
+    sub.add_parser("models", help="list released models and cached exports (name, family, stems, size, origin)")
 
-    p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)")
+    p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)",
+                       epilog="example: ripper-dist export -n htdemucs -o graphs/   # then separate --onnx "
+                              "graphs/htdemucs.onnx", formatter_class=fmt)
     _add_model_args(p)
-    p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder")
+    p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder as <model>.onnx")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
 
-    p = sub.add_parser("separate", help="separate tracks into stems")
+    p = sub.add_parser("separate", help="separate tracks into stems", epilog=EXAMPLES, formatter_class=fmt)
     _add_separate_args(p)
     return parser
 
@@ -148,10 +189,12 @@ def separate_options(args) -> "SeparateOptions":
     """The parsed command line as the one options object the runtime takes (validated on construction)."""
     from .options import SeparateOptions, parse_then
     return SeparateOptions(
-        inputs=tuple(args.inputs), out=args.out, model=args.model, repo=args.repo, checkpoint=args.checkpoint,
-        config=args.config, precision=args.precision, shifts=args.shifts, seed=args.seed, overlap=args.overlap,
-        segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
-        two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
+        inputs=tuple(args.inputs), out=args.out, model=args.model, onnx=args.onnx, repo=args.repo,
+        checkpoint=args.checkpoint, config=args.config, precision=args.precision, shifts=args.shifts, seed=args.seed,
+        overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size,
+        stems=args.stems, two_stems=args.two_stems, other_method=args.other_method, format=args.format,
+        subtype=args.subtype, clip_mode=args.clip_mode, bitrate=args.bitrate, sample_rate=args.sample_rate,
+        filename=args.filename,
         device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,
         verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo)

@@ -44,14 +44,30 @@ def _from_list(path: Path) -> list[Path]:
     return [Path(i) if Path(i).is_absolute() else base / i for i in items]
 
 
+def _check_readable(path: Path) -> None:
+    import soundfile as sf
+    try:
+        sf.info(str(path))
+    except Exception:  # noqa: BLE001 - libsndfile says little more than "unknown format"
+        raise ValueError(f"input {path}: {path.suffix or 'this'} files are not readable here (readable: "
+                         f"{' '.join(sorted(AUDIO_EXTENSIONS))}); convert it, e.g. ffmpeg -i {path.name} "
+                         f"{path.stem}.flac") from None
+
+
 def expand_inputs(specs: list[str]) -> list[Path]:
     """Every audio file named by `specs`. A missing path given directly is an error (a typo should fail in a second,
     before any model is loaded); a missing entry of a list file is kept, so it gets its own failed row."""
     out: list[Path] = []
+    ignored: dict[str, int] = {}  # extensions of the files folders held that are not audio we read
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            out += [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS]
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS:
+                    out.append(f)
+                elif f.is_file() and not f.name.startswith("."):
+                    ext = f.suffix.lower() or "(no extension)"
+                    ignored[ext] = ignored.get(ext, 0) + 1
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             for item in _from_list(p):
                 out += expand_inputs([str(item)]) if item.is_dir() else [item]
@@ -60,7 +76,13 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         elif not p.exists():
             raise FileNotFoundError(f"input {spec}: no such file or folder")
         else:
+            if p.suffix.lower() not in AUDIO_EXTENSIONS:  # named on the command line: its header must read now
+                _check_readable(p)
             out.append(p)
+    if not out and ignored:
+        found = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+        raise ValueError(f"no supported audio in {', '.join(specs)}: found {found}; readable: "
+                         f"{' '.join(sorted(AUDIO_EXTENSIONS))} (convert others, e.g. ffmpeg -i in.m4a out.flac)")
     seen, unique = set(), []
     for p in out:
         key = str(p.resolve()) if p.exists() else str(p.absolute())

@@ -19,10 +19,11 @@ def export_model(opts) -> ExportedModel:
     exported (and parity-checked) on first use."""
     from .export_cache import with_precision
     args, precision = opts, opts.precision
-    if Path(args.model).suffix == ".onnx":  # an exported graph (`ripper-dist export -o`): no checkpoint needed
-        path = Path(args.model)
+    onnx = getattr(args, "onnx", None) or (Path(args.model) if Path(args.model).suffix == ".onnx" else None)
+    if onnx is not None:  # an exported graph (`ripper-dist export -o`): no checkpoint, no torch needed
+        path = Path(onnx)
         if not path.is_file():
-            raise FileNotFoundError(f"-n {path}: no such ONNX file")
+            raise FileNotFoundError(f"--onnx {path}: no such ONNX file")
         exported = ExportedModel(path.stem, read_info(path).family, (path,), None)
         return with_precision(exported, precision)
     if args.model in ROFORMER_FAMILIES:

@@ -43,7 +43,7 @@ from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
 from .progress import Progress
 from .span_work import TrackPlan, open_reader, plan_track, run_span, stem_sink
-from .stem_sink import stem_paths
+from .stem_sink import StemLayout, StemOutput
 
 if TYPE_CHECKING:
     from .separator import Job
@@ -60,9 +60,8 @@ class JobSpec:
     family: Family
     rows: RowContext
     parts_root: str
-    fmt: str
-    subtype: str
-    clip: str
+    layout: StemLayout
+    output: StemOutput
     n_tracks: int
     actors: int
     io: object = None  # the NodeIO actor handle with --no-shared-fs
@@ -74,8 +73,8 @@ class JobSpec:
             n = max(n, min(self.actors, length // (SPAN_SECONDS_MIN * sr)))
         return max(1, n)
 
-    def out_paths(self, track: str) -> dict:
-        return stem_paths(self.rows.out_dir, track, self.family.stems, self.fmt)
+    def out_paths(self, track: str, path: str) -> dict:
+        return self.layout.paths(track, self.family.stems, path)
 
     def parts(self, track: str, n_spans: int):
         if self.io is not None:
@@ -139,7 +138,7 @@ class SpanSeparator:
         """A one-span track on a CPU actor with the stems' folder at hand: straight into its stem files, as the local
         engine does (no part written and read back); returns (span info, the track's row)."""
         spec = self.spec
-        sink = stem_sink(spec.family, plan, spec.out_paths(track), fmt=spec.fmt, subtype=spec.subtype, clip=spec.clip)
+        sink = stem_sink(spec.family, plan, spec.out_paths(track, path), spec.output)
         try:
             with spec.reader(path) as reader:
                 info = run_span(spec.family, self.runners, reader, plan, 0, self.batch_size, sink)
@@ -148,7 +147,7 @@ class SpanSeparator:
             raise
         paths = sink.close()
         row = spec.rows.done(path, track, plan=plan, paths=paths, started=info["started"], finished=time.time(),
-                             node=self.node, worker=self.actor)
+                             node=self.node, worker=self.actor, compute_s=info["compute_s"], **sink.row_fields())
         return info, json.dumps(row)
 
     def _one(self, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
@@ -190,7 +189,7 @@ class SpanSeparator:
 # -- stage 3: assemble finished tracks ------------------------------------------------------------------------------
 def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: TrackPlan) -> dict:
     family = spec.family
-    sink = stem_sink(family, plan, spec.out_paths(track), fmt=spec.fmt, subtype=spec.subtype, clip=spec.clip)
+    sink = stem_sink(family, plan, spec.out_paths(track, path), spec.output)
     try:
         for block in parts.blocks(len(family.stems), family.channels):
             sink.write(block)
@@ -202,7 +201,8 @@ def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: Tra
     actors = sorted({m["actor"] for m in metas})
     return spec.rows.done(path, track, plan=plan, paths=paths, started=min(m["started"] for m in metas),
                           finished=time.time(), node=",".join(sorted({m["node"] for m in metas})),
-                          worker=",".join(actors))
+                          worker=",".join(actors), compute_s=sum(float(m.get("compute_s") or 0) for m in metas),
+                          **sink.row_fields())
 
 
 def _finish(batch: dict, *, spec: JobSpec) -> dict:
@@ -374,7 +374,7 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
             io = ray.remote(NodeIO).options(num_cpus=0, max_concurrency=16, scheduling_strategy=pin).remote(
                 family.sample_rate, family.channels)
         spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
-                       fmt=opts.format, subtype=opts.subtype, clip=opts.clip_mode, n_tracks=len(tracks),
+                       layout=job.layout, output=opts.output(), n_tracks=len(tracks),
                        actors=shape["actors"], io=io)
         graph_refs = [ray.put(g) if m in family.models else None for m, g in enumerate(job.bundle.graphs)]
         rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape["device"])
@@ -418,5 +418,5 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
                     rows_out.append(row)
             job.manifest.compact()
             # parts, and temporary files of a worker killed mid-write (its span or track was redone elsewhere)
-            clean_leftovers(job.out_dir, job.key, [t.track for t in tracks.values()])
+            clean_leftovers(job.out_dir, job.key, job.stem_folders(list(tracks.values())))
     return rows_out

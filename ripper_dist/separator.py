@@ -21,7 +21,6 @@ from .models import ModelBundle, export_model
 from .options import SeparateOptions
 from . import parts
 from .progress import Progress
-from .stem_sink import stem_paths
 
 
 @dataclass
@@ -35,22 +34,50 @@ class Job:
     key: str
     skipped: int = 0
     started: float = field(default_factory=time.time)
+    load_s: float = 0.0  # model export/loading before the first track (not counted in the x-realtime)
 
     @property
     def out_dir(self) -> Path:
         return self.opts.out
 
+    @property
+    def layout(self):
+        return self.opts.layout()
+
     def stem_paths(self, track: TrackInput) -> dict[str, Path]:
-        return stem_paths(self.out_dir, track.track, self.family.stems, self.opts.format)
+        return self.layout.paths(track.track, self.family.stems, track.path)
+
+    def stem_folders(self, tracks: list[TrackInput]) -> list[Path]:
+        return sorted(self.layout.folders([t.track for t in tracks], self.family.stems, [t.path for t in tracks]))
 
     def rows(self, engine: str) -> RowContext:
-        return RowContext(str(self.out_dir), self.bundle.name, self.opts.format, self.opts.subtype, self.key, engine)
+        return RowContext(str(self.out_dir), self.opts.model_name, self.opts.format, self.opts.subtype, self.key,
+                          engine, job_columns(self.opts, self.bundle, self.family, self.load_s))
+
+
+def job_columns(opts: SeparateOptions, bundle: ModelBundle, family: Family, load_s: float) -> dict:
+    """The metadata columns every row of a job shares: versions, the model's identity, the options as asked."""
+    from . import __version__
+    from .encoders import BITRATE_FORMATS, DEFAULT_BITRATE
+    parity = [float(v) for i in bundle.infos if (v := i.raw.get("ripper.parity_sdr_db")) not in (None, "")]
+    segment = getattr(family, "segment_samples", None) or min(i.segment_samples for i in bundle.infos)
+    return {"ripper_dist_version": __version__,
+            "checkpoint_sha256": [i.raw.get("ripper.checkpoint_sha256") or "" for i in bundle.infos],
+            "parity_sdr_db": min(parity) if parity else None, "precision": opts.precision, "device": opts.device,
+            "shifts": opts.shifts, "overlap": getattr(family, "overlap", None),
+            "segment_s": segment / family.sample_rate if family.kind == "demucs" else None,
+            "num_overlap": getattr(family, "num_overlap", None), "stems": list(family.stems),
+            "two_stems": opts.two_stems, "other_method": (opts.other_method or "add") if opts.two_stems else None,
+            "clip_mode": opts.clip_mode,
+            "bitrate_kbps": (opts.bitrate or DEFAULT_BITRATE) if opts.format in BITRATE_FORMATS else None,
+            "load_s": round(load_s, 3)}
 
 
 def resume_options(opts: SeparateOptions, bundle: ModelBundle, family: Family) -> dict:
     """Everything that changes the files written: the model's identity, the family's own options, the output."""
     return {"model": bundle.identity(), "family": family.kind, **family.resume_options(), "format": opts.format,
-            "subtype": opts.subtype, "clip": opts.clip_mode}
+            "subtype": opts.subtype, "clip": opts.clip_mode, "bitrate": opts.bitrate, "sample_rate": opts.sample_rate,
+            "filename": opts.filename}
 
 
 def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> Job:
@@ -63,8 +90,10 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         tracks = assign_tracks(expand_inputs(list(opts.inputs)))
         if not tracks:
             raise ValueError("no input files found")
+    t0 = time.monotonic()
     bundle = ModelBundle.from_exported(export_model(opts))
     family = family_for(bundle, opts)
+    load_s = time.monotonic() - t0
     key = options_key(resume_options(opts, bundle, family))
     opts.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(opts.out)
@@ -72,25 +101,30 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
     for t in tracks:
         if not opts.force and t.path.exists():
             st = t.path.stat()
-            if manifest.is_done(str(t.path), key, st.st_size, st.st_mtime_ns, sha256=lambda p=t.path: sha256_file(p)):
+            if manifest.is_done(opts.model_name, str(t.path), key, st.st_size, st.st_mtime_ns,
+                                sha256=lambda p=t.path: sha256_file(p)):
                 skipped += 1
                 continue
         todo.append(t)
-    return Job(opts, bundle, family, tracks, todo, manifest, key, skipped)
+    return Job(opts, bundle, family, tracks, todo, manifest, key, skipped, load_s=load_s)
 
 
 def clean_leftovers(job: Job) -> None:
     """Remove what an interrupted run left in OUT (see `parts.clean_leftovers`)."""
-    parts.clean_leftovers(job.out_dir, job.key, [t.track for t in job.tracks])
+    parts.clean_leftovers(job.out_dir, job.key, job.stem_folders(job.tracks))
 
 
 def summary(job: Job, rows: list[dict], wall_s: float) -> str:
+    """wall_s: the separation's wall time, without the model's export and loading (`job.load_s`, shown apart)."""
     done = [r for r in rows if r["status"] == "done"]
     failed = [r for r in rows if r["status"] == "failed"]
     audio = sum(r.get("duration_s") or 0 for r in done)
+    where = job.layout.template.format(model=job.opts.model_name, track="<track>", trackext="<ext>", stem="<stem>",
+                                       ext=job.opts.format)
     lines = [f"{len(done)} done, {len(failed)} failed, {job.skipped} skipped (already done) of {len(job.tracks)} "
-             f"inputs; {audio:.1f} s of audio in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime)",
-             f"stems in {job.out_dir}/<track>/, metadata in {job.manifest.path}"]
+             f"inputs; {audio:.1f} s of audio separated in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime; "
+             f"model export/loading {job.load_s:.1f} s not counted)",
+             f"stems in {job.out_dir / where}, metadata in {job.manifest.path}"]
     for r in failed[:20]:
         lines.append(f"  failed: {r['input_path']}: {r['error']}")
     if len(failed) > 20:
@@ -115,11 +149,13 @@ def run_local(job: Job) -> list[dict]:
     from .onnx_model import batch_plan, fit_runners
     from .span_work import separate_track
     opts, family = job.opts, job.family
-    rows_ctx = job.rows("local")
+    t0 = time.monotonic()
     batch_size, fit_gpu = batch_plan(opts.batch_size, opts.device)
     runners = job.bundle.runners(opts.device, opts.threads, family.models, max_batch=batch_size)
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
+    job.load_s += time.monotonic() - t0  # the sessions: loading, not separating
+    rows_ctx = job.rows("local")
     progress = Progress(total_duration(job.todo), enabled=opts.progress)
     rows = []
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -128,11 +164,11 @@ def run_local(job: Job) -> list[dict]:
             started = time.time()
             try:
                 paths, plan, info = separate_track(
-                    family, runners, track.path, job.stem_paths(track), fmt=opts.format, subtype=opts.subtype,
-                    clip=opts.clip_mode, batch_size=batch_size,
+                    family, runners, track.path, job.stem_paths(track), output=opts.output(), batch_size=batch_size,
                     progress=lambda n: progress.update(n / family.sample_rate))
                 row = rows_ctx.done(str(track.path), track.track, plan=plan, paths=paths, started=started,
-                                    finished=time.time(), node=socket.gethostname(), worker=worker)
+                                    finished=time.time(), node=socket.gethostname(), worker=worker,
+                                    compute_s=info["compute_s"], **info["stems"])
             except Exception as e:  # noqa: BLE001 - one track's failure is its row, never the job's end
                 row = rows_ctx.failed(str(track.path), track.track, f"{type(e).__name__}: {e}", started_at=started,
                                       node=socket.gethostname(), worker=worker)
@@ -149,13 +185,14 @@ def choose_engine(opts: SeparateOptions, n_todo: int) -> str:
     (5 to 8 s on two cores) costs more than spreading the chunks gains (60 s track: 19.5 s local, 28.1 s Ray)."""
     if opts.engine != "auto":
         return opts.engine
-    return "ray" if opts.ray_address() or not opts.shared_fs or n_todo > 1 else "local"
+    parallel = opts.actors is not None and opts.actors > 1  # -j N: N workers, even on one track (its spans)
+    return "ray" if opts.ray_address() or not opts.shared_fs or n_todo > 1 or parallel else "local"
 
 
 def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> int:
-    t0 = time.monotonic()
     job = plan_job(opts, tracks)
     clean_leftovers(job)
+    t0, load_before = time.monotonic(), job.load_s
     try:
         if choose_engine(opts, len(job.todo)) == "ray":
             from .ray_pipeline import run_ray
@@ -164,7 +201,8 @@ def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> 
             rows = run_local(job)
     finally:  # also what a worker of a killed earlier run wrote after the cleanup above
         clean_leftovers(job)
-    print(summary(job, rows, time.monotonic() - t0), file=sys.stderr)
+    wall = time.monotonic() - t0 - (job.load_s - load_before)  # the local engine's sessions count as loading
+    print(summary(job, rows, wall), file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -174,7 +212,7 @@ def run_separation(opts: SeparateOptions) -> int:
     for stem, model in opts.then:
         prev = Manifest(opts.out)
         tracks = [TrackInput(opts.out / r["stem_paths"][stem], r["track"])
-                  for r in sorted(prev.rows.values(), key=lambda r: r["track"])
+                  for r in sorted(prev.rows_of(opts.model_name), key=lambda r: r["track"])
                   if r["status"] == "done" and stem in (r["stem_paths"] or {})]
         if not tracks:
             print(f"--then {stem}={model}: no finished track has a {stem!r} stem", file=sys.stderr)

@@ -39,3 +39,12 @@ def test_unique_stable_track_names(tmp_path):
     assert names[a] != names[b] and names[a].startswith("song-") and names[b].startswith("song-")
     again = {t.path: t.track for t in assign_tracks([b, c, a])}
     assert again == names
+
+
+def test_unsupported_files_are_named_before_anything_runs(tmp_path):
+    for name in ("a.m4a", "b.m4a", "notes.txt"):
+        _touch(tmp_path / "album" / name)
+    with pytest.raises(ValueError, match=r"no supported audio in .*album: found 2 \.m4a, 1 \.txt"):
+        expand_inputs([str(tmp_path / "album")])
+    with pytest.raises(ValueError, match=r"a\.m4a: \.m4a files are not readable"):
+        expand_inputs([str(tmp_path / "album" / "a.m4a")])
