@@ -37,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-n", "--name", "--model", dest="model", default="htdemucs",
                    help="released Demucs model (htdemucs, htdemucs_ft, htdemucs_6s), a bag/signature in --repo, or "
-                        "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs)")
+                        "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs); "
+                        "several, comma-separated, for an ensemble (--ensemble)")
     g.add_argument("--onnx", type=Path, metavar="FILE.onnx",
                    help="an exported graph (from `ripper-dist export -o DIR`): separates without the checkpoint or "
                         "torch; its metadata carries the stems, rate and configuration")
@@ -74,6 +75,10 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                         "stems land in OUT/<model>.STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... "
                         "--then other=htdemucs")
     g.add_argument("--then-repo", type=Path, help="local Demucs repo for the --then models")
+    g.add_argument("--ensemble", default="avg_wave", metavar="ALGO",
+                   help="with -n a,b (models with the same stems and rate): avg_wave (default), median_wave, "
+                        "min_wave, max_wave, avg_fft, median_fft, min_fft or max_fft")
+    g.add_argument("--ensemble-weights", metavar="W1,W2", help="weights of the -n models for avg_wave/avg_fft")
     g = p.add_argument_group("output")
     g.add_argument("--filename", default=DEFAULT_TEMPLATE,
                    help="stem path inside OUT, with {track} (input name), {trackext} (its extension), {stem}, "
@@ -108,6 +113,9 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                         "the stems; workers get model-rate windows and send back their separated spans over Ray")
     g.add_argument("--force", action="store_true", help="redo tracks already done in OUT")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--evaluate", type=Path, metavar="REF_DIR",
+                   help="then score the stems against references (MUSDB18-HQ or <track>/<stem>.wav) into "
+                        "OUT/evaluation.parquet (as `ripper-dist evaluate`)")
     g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="log what happens, Ray's own logging included (else in OUT/.ripper-dist/ray.log)")
 
@@ -131,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"ripper-dist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,export,separate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,export,separate,evaluate}")
 
     sub.add_parser("models", help="list released models and cached exports (name, family, stems, size, origin)")
 
@@ -144,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("separate", help="separate tracks into stems", epilog=EXAMPLES, formatter_class=fmt)
     _add_separate_args(p)
+
+    p = sub.add_parser("evaluate", help="score separated stems against reference stems (BSS Eval v4, SDR, SI-SDR)")
+    p.add_argument("out", type=Path, metavar="OUT", help="a separate command's output folder (its metadata.parquet)")
+    p.add_argument("references", type=Path, metavar="REF_DIR",
+                   help="MUSDB18-HQ root (train/test/<track>/<stem>.wav) or any <track>/<stem>.wav folder")
+    p.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
+                   help="ray: one task per track (the embedded local Ray or --address); auto: ray for several tracks")
+    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--force", action="store_true", help="re-evaluate tracks already scored")
     return parser
 
 
@@ -197,12 +215,29 @@ def separate_options(args) -> "SeparateOptions":
         filename=args.filename,
         device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,
-        verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo)
+        verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo, ensemble=args.ensemble,
+        ensemble_weights=args.ensemble_weights)
 
 
 def cmd_separate(args) -> int:
     from .separator import run_separation
-    return run_separation(separate_options(args))
+    opts = separate_options(args)
+    if args.evaluate is not None and not args.evaluate.is_dir():
+        raise ValueError(f"--evaluate: {args.evaluate} is not a folder")
+    rc = run_separation(opts)
+    if args.evaluate is not None:
+        from .evaluate import EvaluateOptions, run_evaluation
+        rc = max(rc, run_evaluation(EvaluateOptions(out=opts.out, references=args.evaluate, engine=opts.engine,
+                                                     address=opts.address, num_cpus=opts.num_cpus,
+                                                     verbose=opts.verbose))[1])
+    return rc
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import EvaluateOptions, run_evaluation
+    return run_evaluation(EvaluateOptions(out=args.out, references=args.references, engine=args.engine,
+                                          address=args.address, num_cpus=args.num_cpus, force=args.force,
+                                          verbose=args.verbose))[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate}[args.command](args)
+        return {"models": cmd_models, "export": cmd_export, "separate": cmd_separate,
+                "evaluate": cmd_evaluate}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -19,6 +19,9 @@ from .stem_sink import DEFAULT_TEMPLATE, check_template
 
 ENGINES = ("auto", "ray", "local")
 OTHER_METHODS = ("add", "minus", "none")
+#: `--ensemble` algorithms (ripper_dist.ensemble), named as in audio-separator and MSST.
+ENSEMBLE_ALGORITHMS = ("avg_wave", "median_wave", "min_wave", "max_wave", "avg_fft", "median_fft", "min_fft",
+                       "max_fft")
 ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")
 
 
@@ -65,6 +68,9 @@ class SeparateOptions:
     verbose: bool = False
     then: tuple[tuple[str, str], ...] = field(default=())
     then_repo: Path | None = None
+    # ensembles: `model` lists several models ("a,b")
+    ensemble: str = "avg_wave"
+    ensemble_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - normalising a frozen instance
@@ -82,6 +88,14 @@ class SeparateOptions:
             set_("subtype", WRITE_SUBTYPES[self.format][0])
         set_("subtype", str(self.subtype).upper())
         set_("clip_mode", str(self.clip_mode).lower())
+        set_("ensemble", str(self.ensemble).lower())
+        if isinstance(self.ensemble_weights, str):
+            try:
+                set_("ensemble_weights", tuple(float(w) for w in self.ensemble_weights.split(",")))
+            except ValueError:
+                raise ValueError(f"--ensemble-weights: {self.ensemble_weights!r} is not a list of numbers") from None
+        elif self.ensemble_weights is not None:
+            set_("ensemble_weights", tuple(float(w) for w in self.ensemble_weights))
         self.validate()
 
     def validate(self) -> None:
@@ -136,10 +150,15 @@ class SeparateOptions:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
         if not self.shared_fs and self.engine == "local":
             bad("--no-shared-fs", "is a Ray job option: it does nothing with --engine local")
-        if Path(self.model).suffix == ".onnx" and self.onnx is None:
+        members = self.members
+        if not all(members):
+            bad("-n", f"{self.model!r}: an empty model name")
+        if len(members) == 1 and Path(self.model).suffix == ".onnx" and self.onnx is None:
             object.__setattr__(self, "onnx", Path(self.model))
         if self.onnx is not None:
             option = "--onnx" if Path(self.model).suffix != ".onnx" else "-n"
+            if len(members) > 1:
+                bad("--onnx", "one exported graph; for an ensemble list the .onnx files in -n a.onnx,b.onnx")
             if self.onnx.suffix != ".onnx":
                 bad(option, f"{self.onnx}: not an .onnx file (export one with `ripper-dist export -o DIR`)")
             if not self.onnx.is_file():
@@ -148,16 +167,34 @@ class SeparateOptions:
                      if v is not None]
             if given:
                 bad(option, f"an exported graph carries its model: drop {', '.join(given)}")
-        elif self.model not in ROFORMER_FAMILIES and self.repo is None and self.checkpoint is None:
-            from .sources import RELEASED
-            if self.model not in RELEASED:
-                bad("-n", f"unknown model {self.model!r}: released models are {', '.join(RELEASED)}; or give --repo "
-                          "DIR, --checkpoint FILE.th or --onnx FILE.onnx")
-            self._check_released()
-        if self.model in ROFORMER_FAMILIES and (not self.config or not self.checkpoint):
-            bad("-n", f"{self.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
-        if self.model in ROFORMER_FAMILIES:
-            refuse_demucs_options(self, self.model)
+        for model in members if self.onnx is None else ():
+            if Path(model).suffix == ".onnx":
+                if not Path(model).is_file():
+                    bad("-n", f"{model}: no such ONNX file")
+            elif model in ROFORMER_FAMILIES:
+                if not self.config or not self.checkpoint:
+                    bad("-n", f"{model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
+                refuse_demucs_options(self, model)
+            elif self.repo is None and (self.checkpoint is None or len(members) > 1):
+                from .sources import RELEASED
+                if model not in RELEASED:
+                    bad("-n", f"unknown model {model!r}: released models are {', '.join(RELEASED)}; or give --repo "
+                              "DIR, --checkpoint FILE.th or --onnx FILE.onnx")
+                self._check_released(model)
+        if sum(m in ROFORMER_FAMILIES for m in members) > 1:
+            bad("-n", "one --config/--checkpoint pair serves one RoFormer: export the others "
+                      "(`ripper-dist export ... -o DIR`) and list their .onnx files")
+        if self.ensemble not in ENSEMBLE_ALGORITHMS:
+            bad("--ensemble", f"{self.ensemble!r}: use one of {', '.join(ENSEMBLE_ALGORITHMS)}")
+        if self.ensemble_weights is not None:
+            if len(members) < 2:
+                bad("--ensemble-weights", "needs several models (-n a,b)")
+            if len(self.ensemble_weights) != len(members):
+                bad("--ensemble-weights", f"{len(self.ensemble_weights)} weights for {len(members)} models")
+            if any(not w >= 0 for w in self.ensemble_weights) or not sum(self.ensemble_weights) > 0:
+                bad("--ensemble-weights", "weights must be >= 0 and not all 0")
+        if len(members) > 1 and self.checkpoint and not any(m in ROFORMER_FAMILIES for m in members):
+            bad("--checkpoint", "a single Demucs checkpoint is one model, not an ensemble member: use --repo")
         for path, option in ((self.repo, "--repo"), (self.checkpoint, "--checkpoint"), (self.config, "--config"),
                              (self.then_repo, "--then-repo")):
             if path is not None and not Path(path).exists():
@@ -173,21 +210,30 @@ class SeparateOptions:
             if not stem or not model:
                 bad("--then", "expected STEM=MODEL, e.g. other=htdemucs")
 
-    def _check_released(self) -> None:
+    def _check_released(self, model: str) -> None:
         """What can be checked against a released model's known shape before it is downloaded or exported."""
         from .sources import released_info
-        info = released_info(self.model)
+        info = released_info(model)
         if self.segment is not None and self.segment > info["segment_s"]:
-            raise ValueError(f"--segment: {self.segment:g} s is longer than {self.model}'s {info['segment_s']:g} s "
+            raise ValueError(f"--segment: {self.segment:g} s is longer than {model}'s {info['segment_s']:g} s "
                              "(a Transformer model cannot use a longer segment than it was trained for)")
         for option, wanted in (("--stems", self.stems or ()), ("--two-stems", (self.two_stems,) if self.two_stems
                                                                 else ())):
             unknown = [s for s in wanted if s not in info["sources"]]
             if unknown:
-                raise ValueError(f"{option}: {self.model} has no {', '.join(unknown)} (it has "
+                raise ValueError(f"{option}: {model} has no {', '.join(unknown)} (it has "
                                  f"{', '.join(info['sources'])})")
 
     # -- derived ---------------------------------------------------------------------------------------------------
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The models of `-n`: one, or an ensemble's (`-n a,b`)."""
+        return tuple(m.strip() for m in str(self.model).split(","))
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
     @property
     def is_roformer(self) -> bool:
         return self.model in ROFORMER_FAMILIES
@@ -199,9 +245,10 @@ class SeparateOptions:
             return self.label
         if self.onnx is not None:
             return self.onnx.stem
-        if self.checkpoint is not None:
-            return Path(self.checkpoint).stem
-        return self.model
+        names = [Path(m).stem if Path(m).suffix == ".onnx" else Path(self.checkpoint).stem
+                 if self.checkpoint is not None and (m in ROFORMER_FAMILIES or len(self.members) == 1) else m
+                 for m in self.members]
+        return "+".join(names)  # an ensemble: its members' names, as `EnsembleBundle.name`
 
     def layout(self):
         from .stem_sink import StemLayout
@@ -221,7 +268,7 @@ class SeparateOptions:
         return dataclasses.replace(
             self, model=model, onnx=None, checkpoint=None, config=None, repo=self.then_repo, stems=None,
             two_stems=None, other_method=None, segment=None, num_overlap=None, overlap=None, then=(),
-            label=f"{self.model_name}.{stem}.{model}", filename=template)
+            label=f"{self.model_name}.{stem}.{model}", filename=template, ensemble_weights=None)
 
 
 def refuse_demucs_options(opts: SeparateOptions, family: str) -> None:

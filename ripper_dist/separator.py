@@ -91,8 +91,12 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         if not tracks:
             raise ValueError("no input files found")
     t0 = time.monotonic()
-    bundle = ModelBundle.from_exported(export_model(opts))
-    family = family_for(bundle, opts)
+    if opts.is_ensemble:
+        from .ensemble import load_ensemble
+        bundle, family = load_ensemble(opts)
+    else:
+        bundle = ModelBundle.from_exported(export_model(opts))
+        family = family_for(bundle, opts)
     load_s = time.monotonic() - t0
     key = options_key(resume_options(opts, bundle, family))
     opts.out.mkdir(parents=True, exist_ok=True)
