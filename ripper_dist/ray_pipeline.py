@@ -33,6 +33,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -241,16 +242,74 @@ def _finish(batch: dict, *, spec: JobSpec) -> dict:
 
 
 # -- the driver -----------------------------------------------------------------------------------------------------
+RAY_LOG = ".ripper-dist/ray.log"
+
+
+class NativeStderrToFile:
+    """Send what native code writes to file descriptor 2 (Ray's C++ core worker and the raylet it spawns, e.g.
+    `logging.cc:... Set ray log level`, `core_worker.cc:...`) to a file, while Python's `sys.stderr` (the progress bar,
+    the summary, errors) keeps going to the terminal."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._saved_fd: int | None = None
+        self._py_stderr = None
+
+    def __enter__(self) -> "NativeStderrToFile":
+        import sys
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stderr.flush()
+        self._saved_fd = os.dup(2)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            real = sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest's capture): leave it alone
+            real = False
+        if real:
+            self._py_stderr = sys.stderr
+            sys.stderr = os.fdopen(os.dup(self._saved_fd), "w", buffering=1, errors="backslashreplace")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import sys
+        if self._saved_fd is None:
+            return
+        if self._py_stderr is not None:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = self._py_stderr
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        self._saved_fd = None
+
+
 class RayEngine:
     """The Ray this command uses: an existing cluster (`--address`, RAY_ADDRESS) or an embedded one it starts and
-    stops. Ray Data's global `DataContext` is set for the job and restored after it."""
+    stops. Ray Data's global `DataContext` is set for the job and restored after it. Unless `-v`, Ray's own native
+    log lines go to `OUT/.ripper-dist/ray.log`, not to the terminal."""
 
     def __init__(self, opts: SeparateOptions):
         self.opts = opts
         self.started_here = False
         self._saved: dict | None = None
+        self._quiet: NativeStderrToFile | None = None
 
     def __enter__(self) -> "RayEngine":
+        out = getattr(self.opts, "out", None)
+        if not self.opts.verbose and out is not None:
+            self._quiet = NativeStderrToFile(Path(out) / RAY_LOG).__enter__()
+        try:
+            self._init_ray()
+        except BaseException:
+            if self._quiet is not None:
+                self._quiet.__exit__(None, None, None)
+                self._quiet = None
+            raise
+        return self
+
+    def _init_ray(self) -> None:
         import logging
 
         import ray
@@ -266,7 +325,6 @@ class RayEngine:
             else:
                 ray.init(address="local", num_cpus=self.opts.num_cpus or os.cpu_count(), **kwargs)
             self.started_here = True
-        return self
 
     def data_context(self, block_bytes: int) -> None:
         import logging
@@ -293,8 +351,13 @@ class RayEngine:
                     ctx.execution_options.preserve_order = v
                 else:
                     setattr(ctx, n, v)
-        if self.started_here:
-            ray.shutdown()
+        try:
+            if self.started_here:
+                ray.shutdown()
+        finally:
+            if self._quiet is not None:
+                self._quiet.__exit__(*exc)
+                self._quiet = None
 
 
 def pool_shape(opts: SeparateOptions, resources: dict) -> dict:
