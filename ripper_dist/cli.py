@@ -165,21 +165,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _released_by_file() -> dict[str, str]:
+    from .sources import RELEASED
+    return {f: name for name, (files, _, _) in RELEASED.items() for f in files}
+
+
 def cmd_models(args) -> int:
+    """Released models (what they separate, published SDR, cached or not), the RoFormer families, then the cached
+    exports by model name with family, stems, size, parity and origin."""
     from .export_cache import onnx_root
-    from .sources import DESCRIPTIONS, RELEASED, cache_dir
-    print("Released Demucs models (downloaded and verified on first use):")
+    from .onnx_model import read_info
+    from .sources import DESCRIPTIONS, RELEASED, RELEASED_INFO, cache_dir
+    print("Released Demucs models (downloaded and sha256-verified on first use; SDR: MUSDB18-HQ test, upstream's):")
     for name, (files, _, _) in RELEASED.items():
         have = all((cache_dir() / "checkpoints" / f).exists() for f in files)
-        print(f"  {name:<14} {'[cached] ' if have else ''}{DESCRIPTIONS[name]}")
-    print("RoFormer families (bring your checkpoint and its YAML config):")
-    print("  mel_band_roformer  Mel-Band RoFormer, e.g. the community vocals model")
+        sdr = RELEASED_INFO[name]["sdr_db"]
+        print(f"  {name:<14} {'[downloaded] ' if have else ''}{DESCRIPTIONS[name]}; "
+              f"SDR {f'{sdr:.2f} dB' if sdr else 'not published'}")
+    print("RoFormer families (bring the checkpoint and its YAML config: -n FAMILY --config C.yaml --checkpoint M.ckpt):")
+    print("  mel_band_roformer  Mel-Band RoFormer, e.g. the community vocals model (~11 dB vocals SDR, multisong)")
     print("  bs_roformer        BS-RoFormer (explicit freqs_per_bands)")
     root = onnx_root()
     graphs = sorted(root.rglob("*.onnx")) if root.exists() else []
-    print(f"Cached ONNX exports in {root}: {len(graphs)}")
+    print(f"Exported graphs cached in {root}: {len(graphs)}")
+    released = _released_by_file()
     for g in graphs:
-        print(f"  {g.relative_to(root)}")
+        try:
+            info = read_info(g)
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is listed, not fatal
+            print(f"  {g.relative_to(root)}: unreadable ({type(e).__name__})")
+            continue
+        meta = info.raw
+        ckpt = meta.get("ripper.checkpoint_name", "")
+        name = released.get(ckpt) or Path(ckpt).stem or g.parent.name
+        origin = f"released {ckpt}" if ckpt in released else f"checkpoint {ckpt}" if ckpt else "unknown checkpoint"
+        precision = meta.get("ripper.precision", "fp32")
+        parity = meta.get("ripper.parity_sdr_db")
+        print(f"  {name:<14} {info.family:<17} {','.join(info.sources):<32} {g.stat().st_size / 1e6:7.1f} MB "
+              f"{precision}  {f'parity {float(parity):.1f} dB' if parity else ''}  from {origin}  "
+              f"({g.relative_to(root)})")
     return 0
 
 
@@ -189,7 +213,8 @@ def cmd_export(args) -> int:
     from .models import export_model
     from .onnx_model import read_info
     exported = export_model(args)
-    for p in exported.onnx_paths:
+    bag = len(exported.onnx_paths) > 1
+    for k, p in enumerate(exported.onnx_paths):
         meta = read_info(p).raw
         checks = [f"{meta['ripper.parity_sdr_db']} dB from upstream torch"] if "ripper.parity_sdr_db" in meta else []
         if "ripper.fp16_sdr_db" in meta:
@@ -197,9 +222,12 @@ def cmd_export(args) -> int:
         print(p, f"({'; '.join(checks)})" if checks else "")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            dest = args.out / f"{exported.name}-{p.parent.name}{p.stem.removeprefix('model')}.onnx"
+            suffix = "-fp16" if meta.get("ripper.precision") == "fp16" else ""
+            dest = args.out / f"{exported.name}{f'-{k}' if bag else ''}{suffix}.onnx"
             shutil.copyfile(p, dest)
-            print(f"  -> {dest}")
+            print(f"  -> {dest}" + ("" if bag else f"   (ripper-dist separate INPUT --onnx {dest})"))
+    if args.out and bag:
+        print("a bag: each graph is one of its models; separate the bag with -n/--repo (the cache makes it free)")
     return 0
 
 
@@ -250,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         if args.verbose:
             raise
-        print(f"ripper-dist: error: {e}", file=sys.stderr)
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"ripper-dist: error: {msg}", file=sys.stderr)  # one line; -v shows the traceback
         return 2
 
 

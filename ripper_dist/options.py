@@ -177,10 +177,8 @@ class SeparateOptions:
                 refuse_demucs_options(self, model)
             elif self.repo is None and (self.checkpoint is None or len(members) > 1):
                 from .sources import RELEASED
-                if model not in RELEASED:
-                    bad("-n", f"unknown model {model!r}: released models are {', '.join(RELEASED)}; or give --repo "
-                              "DIR, --checkpoint FILE.th or --onnx FILE.onnx")
-                self._check_released(model)
+                if model in RELEASED:  # an unknown name fails when resolved (sources), still before any loading
+                    self._check_released(model)
         if sum(m in ROFORMER_FAMILIES for m in members) > 1:
             bad("-n", "one --config/--checkpoint pair serves one RoFormer: export the others "
                       "(`ripper-dist export ... -o DIR`) and list their .onnx files")

@@ -128,7 +128,8 @@ def _root_url() -> str:
 def fetch_released(name: str, *, progress: bool = True) -> DemucsSource:
     """Resolve a released model name, downloading missing files into the cache (verified)."""
     if name not in RELEASED:
-        raise ModelSourceError(f"unknown model {name!r}; released models: {', '.join(RELEASED)}")
+        raise ModelSourceError(f"-n: unknown model {name!r}; released models: {', '.join(RELEASED)}; or give --repo "
+                               "DIR, --checkpoint FILE.th or --onnx FILE.onnx")
     files, weights, segment = RELEASED[name]
     members = []
     for fname in files:
