@@ -59,10 +59,11 @@ def job_columns(opts: SeparateOptions, bundle: ModelBundle, family: Family, load
     """The metadata columns every row of a job shares: versions, the model's identity, the options as asked."""
     from . import __version__
     from .encoders import BITRATE_FORMATS, DEFAULT_BITRATE
-    parity = [float(v) for i in bundle.infos if (v := i.raw.get("ripper.parity_sdr_db")) not in (None, "")]
-    segment = getattr(family, "segment_samples", None) or min(i.segment_samples for i in bundle.infos)
+    infos = [i for m in getattr(bundle, "members", [bundle]) for i in m.infos]  # an ensemble: all its members'
+    parity = [float(v) for i in infos if (v := i.raw.get("ripper.parity_sdr_db")) not in (None, "")]
+    segment = getattr(family, "segment_samples", None) or min(i.segment_samples for i in infos)
     return {"ripper_dist_version": __version__,
-            "checkpoint_sha256": [i.raw.get("ripper.checkpoint_sha256") or "" for i in bundle.infos],
+            "checkpoint_sha256": [i.raw.get("ripper.checkpoint_sha256") or "" for i in infos],
             "parity_sdr_db": min(parity) if parity else None, "precision": opts.precision, "device": opts.device,
             "shifts": opts.shifts, "overlap": getattr(family, "overlap", None),
             "segment_s": segment / family.sample_rate if family.kind == "demucs" else None,
