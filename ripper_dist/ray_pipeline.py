@@ -418,7 +418,9 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
     rows_out: list[dict] = []
     closed: set[int] = set()
     progress = None
+    t0 = time.monotonic()
     with RayEngine(opts) as engine:
+        job.load_s += time.monotonic() - t0  # starting Ray is loading too: not in the summary's x-realtime
         import ray
         import ray.data
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
