@@ -25,6 +25,8 @@ Behaviour that differs between implementations and how it is settled here:
 """
 from __future__ import annotations
 
+import re
+
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,13 +79,16 @@ class RoformerKeyError(KeyError):
     def __init__(self, missing=(), unexpected=(), mismatched=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
         parts = []
+
+        def few(items):  # a config off by a lot would list a million keys: name a few and count them
+            return ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
         if self.missing:
-            parts.append(f"missing keys ({len(self.missing)}): {', '.join(self.missing)}")
+            parts.append(f"missing keys ({len(self.missing)}): {few(self.missing)}")
         if self.unexpected:
-            parts.append(f"unexpected keys ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+            parts.append(f"unexpected keys ({len(self.unexpected)}): {few(self.unexpected)}")
         if self.mismatched:
-            parts.append("shape mismatches: " + ", ".join(f"{k} checkpoint {tuple(a)} vs model {tuple(b)}"
-                                                          for k, a, b in self.mismatched))
+            parts.append(f"shape mismatches ({len(self.mismatched)}): " + few(
+                [f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]))
         super().__init__("; ".join(parts) or "state dict mismatch")
 
     def __str__(self):  # KeyError would repr() the message
@@ -571,9 +576,45 @@ def _natural(key: str):
     return [int(p) if p.isdigit() else p for p in key.split(".")]
 
 
+def check_sizes(spec: RoformerSpec, state: Mapping[str, torch.Tensor]) -> None:
+    """Compare the config's sizes with the checkpoint's tensors before any model is built, so a wrong config (depth
+    10000) fails in a moment with a short message instead of allocating the model it describes.
+    Raises RoformerKeyError naming each size that differs."""
+    anchor = "band_split.to_features.0.1.weight"
+    prefix = next((k[:-len(anchor)] for k in state if k.endswith(anchor)), None)
+    if prefix is None:
+        raise RoformerKeyError(missing=[anchor])
+
+    def count(pattern: str) -> int:
+        rx = re.compile(re.escape(prefix) + pattern)
+        return len({m.group(1) for k in state if (m := rx.match(k))})
+
+    bands = spec.num_bands if spec.family == "mel_band_roformer" else len(spec.freqs_per_bands)
+    qkv = state.get(f"{prefix}layers.0.0.layers.0.0.to_qkv.weight")
+    found = {
+        "dim": int(state[prefix + anchor].shape[0]),
+        "depth": count(r"layers\.(\d+)\."),
+        "time_transformer_depth": count(r"layers\.0\.0\.layers\.(\d+)\."),
+        "freq_transformer_depth": count(r"layers\.0\.1\.layers\.(\d+)\."),
+        "bands": count(r"band_split\.to_features\.(\d+)\."),
+        "num_stems": count(r"mask_estimators\.(\d+)\."),
+        "heads * dim_head": None if qkv is None else int(qkv.shape[0]) // 3,
+    }
+    wanted = {"dim": spec.dim, "depth": spec.depth, "time_transformer_depth": spec.time_transformer_depth,
+              "freq_transformer_depth": spec.freq_transformer_depth, "bands": bands, "num_stems": spec.num_stems,
+              "heads * dim_head": spec.heads * spec.dim_head}
+    wrong = [(f"config {k}", (found[k],), (wanted[k],)) for k in wanted
+             if found[k] is not None and found[k] != wanted[k]]
+    if wrong:
+        raise RoformerKeyError(mismatched=wrong)
+
+
 def build_roformer(family: str, model_kwargs: Mapping, state: Mapping[str, torch.Tensor] | None = None) -> Roformer:
     """Model from config kwargs, optionally loaded with `state`; returned in eval mode, float32."""
-    model = Roformer(RoformerSpec.from_kwargs(family, model_kwargs))
+    spec = RoformerSpec.from_kwargs(family, model_kwargs)
+    if state is not None:
+        check_sizes(spec, state)
+    model = Roformer(spec)
     if state is not None:
         load_roformer_state(model, state)
     return model.float().eval()

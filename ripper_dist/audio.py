@@ -39,6 +39,7 @@ __all__ = [
     "AudioError",
     "AudioInfo",
     "AudioReader",
+    "NonFiniteAudioError",
     "StemWriter",
     "convert_channels",
     "mix_stats",
@@ -63,6 +64,25 @@ class AudioError(ValueError):
     """A file that cannot be used as input: missing, unreadable, corrupt, unsupported or empty."""
 
 
+class NonFiniteAudioError(AudioError):
+    """NaN or Inf samples in a float input: refused, since any rule to replace them would make up audio and the
+    model would turn them into silent or NaN stems reported as done."""
+
+
+#: A plain WAV (RIFF) holds at most 4 GiB; a stem that may not fit is written as RF64 (libsndfile reads and writes it;
+#: the margin covers the header and libsndfile's PEAK/fact chunks).
+WAV_MAX_DATA_BYTES = 2 ** 32 - 1 - 65536
+_SAMPLE_BYTES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}
+
+
+def wav_container(frames: int | None, channels: int, subtype: str) -> str:
+    """"WAV", or "RF64" when `frames` of `channels` x `subtype` samples would not fit a plain WAV (4-hour stereo float
+    stems at 44.1 kHz: 4.2 GiB). frames None (unknown): "WAV"."""
+    if frames is None:
+        return "WAV"
+    return "RF64" if int(frames) * int(channels) * _SAMPLE_BYTES.get(subtype, 4) > WAV_MAX_DATA_BYTES else "WAV"
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     sample_rate: int
@@ -80,6 +100,10 @@ def probe(path: str | os.PathLike) -> AudioInfo:
         raise AudioError(f"{p}: no such file")
     if not p.is_file():
         raise AudioError(f"{p}: not a regular file")
+    try:
+        open(p, "rb").close()
+    except OSError as e:  # libsndfile would only say "System error."
+        raise AudioError(f"{p}: cannot open ({e.strerror})") from None
     try:
         info = sf.info(str(p))
     except Exception as e:  # soundfile raises LibsndfileError (a RuntimeError) or others for junk
@@ -210,6 +234,10 @@ class AudioReader:
             data = self._decode_sequential(i0, i1)
         if data.shape[0] < n:  # the header promised more frames than the stream holds
             data = np.concatenate([data, np.zeros((n - data.shape[0], data.shape[1]), np.float32)])
+        if not np.isfinite(data).all():
+            bad = int(np.argmax(~np.isfinite(data).all(axis=1)))
+            raise NonFiniteAudioError(f"{self.path}: NaN or Inf samples in the input (first at "
+                                      f"{(i0 + bad) / self.info.sample_rate:.3f} s)")
         return data
 
     def _decode_sequential(self, i0: int, i1: int) -> np.ndarray:
@@ -390,9 +418,17 @@ class StemWriter:
         else:
             self._sink = self._open_soundfile()
 
+    @property
+    def container(self) -> str:
+        """The file format written: FLAC, MP3, OGG ..., WAV, or RF64 for a WAV too long for RIFF (see wav_container)."""
+        if self.fmt != "wav":
+            return WRITE_FORMATS[self.fmt]
+        return wav_container(self.frames, self._channels or self.out_channels or 2, self.subtype)
+
     def _open_soundfile(self):
         from .encoders import open_encoder
-        return open_encoder(self._tmp, self.fmt, self.subtype, self.out_rate, self._channels, self.bitrate)
+        return open_encoder(self._tmp, self.fmt, self.subtype, self.out_rate, self._channels, self.bitrate,
+                            container=self.container)
 
     # -- streaming ----------------------------------------------------------------------------------------------------
     def write(self, block: np.ndarray) -> None:
@@ -454,14 +490,16 @@ class StemWriter:
         self.gain = float(1 / divisor)
         step = 1 << 18
         dst = self._open_soundfile()
-        with open(self._raw, "rb") as src:
-            while True:
-                buf = src.read(step * self._channels * 4)
-                if not buf:
-                    break
-                frames = np.frombuffer(buf, dtype="<f4").reshape(-1, self._channels)
-                dst.write(_quantize(frames / divisor if divisor != 1 else frames, self.subtype))
-        dst.close()
+        try:
+            with open(self._raw, "rb") as src:
+                while True:
+                    buf = src.read(step * self._channels * 4)
+                    if not buf:
+                        break
+                    frames = np.frombuffer(buf, dtype="<f4").reshape(-1, self._channels)
+                    dst.write(_quantize(frames / divisor if divisor != 1 else frames, self.subtype))
+        finally:
+            dst.close()
 
     def abort(self) -> None:
         """Drop everything written so far (no file appears at `path`)."""

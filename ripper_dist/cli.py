@@ -111,6 +111,11 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-shared-fs", dest="shared_fs", action="store_false",
                    help="the cluster's nodes cannot see INPUT and OUT (no NFS): this node reads the inputs and writes "
                         "the stems; workers get model-rate windows and send back their separated spans over Ray")
+    g.add_argument("--track-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="give up on a track (a failed row, the job goes on) after SECONDS plus SECONDS/20 per second "
+                        "of audio (default 600: 10 minutes + 30 s per audio second; 0: no limit)")
+    g.add_argument("--chunk-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop an ONNX Runtime run that takes longer (its track fails; default 600; 0: no limit)")
     g.add_argument("--force", action="store_true", help="redo tracks already done in OUT")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--evaluate", type=Path, metavar="REF_DIR",
@@ -242,7 +247,8 @@ def separate_options(args) -> "SeparateOptions":
         subtype=args.subtype, clip_mode=args.clip_mode, bitrate=args.bitrate, sample_rate=args.sample_rate,
         filename=args.filename,
         device=args.device, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
-        num_cpus=args.num_cpus, shared_fs=args.shared_fs, force=args.force, progress=not args.no_progress,
+        num_cpus=args.num_cpus, shared_fs=args.shared_fs, track_timeout=args.track_timeout,
+        chunk_timeout=args.chunk_timeout, force=args.force, progress=not args.no_progress,
         verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo, ensemble=args.ensemble,
         ensemble_weights=args.ensemble_weights)
 
@@ -269,6 +275,8 @@ def cmd_evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status, the same for both engines: 0 every track done, 1 some failed (rows in metadata.parquet, tracebacks
+    in OUT/.ripper-dist/errors.log), 2 usage or setup error (one line), 130 interrupted (rerun to resume)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -278,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:  # usage or setup: nothing (more) can be done
         if args.verbose:
             raise
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        print(f"ripper-dist: error: {msg}", file=sys.stderr)  # one line; -v shows the traceback
+        from .error_log import setup_message
+        print(f"ripper-dist: error: {setup_message(e)}", file=sys.stderr)
         return 2
 
 

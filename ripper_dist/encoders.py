@@ -67,9 +67,11 @@ def _mp3_compression(kbps: int, rate: int) -> float:
     return float(min(max((hi - kbps) / (hi - lo), 0.0), 1.0))
 
 
-def open_encoder(path: Path, fmt: str, subtype: str, rate: int, channels: int, bitrate: int | None = None):
+def open_encoder(path: Path, fmt: str, subtype: str, rate: int, channels: int, bitrate: int | None = None, *,
+                 container: str | None = None):
     """An object with `write(frames)` ((n, channels): int16/int32 for PCM, float32 in [-1, 1] otherwise) and
-    `close()`, writing `path` in `fmt` (whatever its file name says)."""
+    `close()`, writing `path` in `fmt` (whatever its file name says). container: the soundfile format to use instead
+    of the format's own (RF64 for a WAV too long for RIFF)."""
     f = FORMATS[fmt]
     if f.container == "M4A":
         return AacEncoder(path, rate, channels, bitrate or DEFAULT_BITRATE)
@@ -78,7 +80,7 @@ def open_encoder(path: Path, fmt: str, subtype: str, rate: int, channels: int, b
     if fmt == "mp3":
         kwargs = dict(compression_level=_mp3_compression(bitrate or DEFAULT_BITRATE, rate),
                       bitrate_mode="CONSTANT")
-    return sf.SoundFile(str(path), mode="w", samplerate=rate, channels=channels, format=f.container,
+    return sf.SoundFile(str(path), mode="w", samplerate=rate, channels=channels, format=container or f.container,
                         subtype=subtype, **kwargs)
 
 

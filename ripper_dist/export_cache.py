@@ -2,13 +2,22 @@
 
 A cache hit needs no torch. On a miss this module imports `ripper_export` (torch + demucs), which exports, checks
 parity against upstream and embeds the metadata; the file appears atomically, so a crash never leaves a half graph.
+
+A cached graph is trusted only with its record (`model.onnx.verify.json`: size and sha256 of the graph and its
+external data, written after the export succeeded) and only when the files still match it: a graph truncated or
+damaged later, or one without a record (a half-finished export), is exported again (converted again for fp16), or,
+where that is impossible, the error names the folder to delete. One exporter at a time per cache entry (a lock file
+in its folder); the next finds the finished graph.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +63,93 @@ def _export_side(what: str):
             "--onnx FILE.onnx (from `ripper-dist export -o DIR` on a machine with torch)") from None
 
 
+VERIFY_SUFFIX = ".verify.json"
+
+
+def _graph_files(graph: Path) -> list[Path]:
+    data = graph.with_name(graph.name + ".data")  # RoFormer graphs over the protobuf limit keep their weights there
+    return [graph] + ([data] if data.exists() else [])
+
+
+def record_graph(graph: Path) -> None:
+    """Write the record of a finished graph (after it and its external data are in place)."""
+    from .atomic import write_text
+    files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": sha256_file(p)}
+             for p in _graph_files(graph)}
+    write_text(graph.with_name(graph.name + VERIFY_SUFFIX), json.dumps({"files": files}, indent=1))
+
+
+def graph_problem(graph: Path) -> str | None:
+    """Why the cached `graph` cannot be trusted (None: it matches its record). Size and mtime as recorded stand for
+    an unchanged file (hashing a 170 MB graph costs about a second on every run); otherwise the sha256 decides (a
+    cache copied elsewhere keeps working, a damaged one does not)."""
+    if not graph.exists():
+        return "missing"
+    try:
+        files = json.loads(graph.with_name(graph.name + VERIFY_SUFFIX).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "no export record (an export that did not finish)"
+    for name, want in files.items():
+        p = graph.with_name(name)
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != want["size"]:
+            return f"{name} is {size} bytes, {want['size']} when exported"
+        if p.stat().st_mtime_ns != want.get("mtime_ns") and sha256_file(p) != want["sha256"]:
+            return f"{name} differs from the exported file (sha256)"
+    return None
+
+
+@contextlib.contextmanager
+def _entry_lock(folder: Path):
+    """Exclusive lock of one cache entry (two commands exporting the same model: the second waits, then finds it)."""
+    import fcntl
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _clear_entry(folder: Path, graph: Path) -> None:
+    """Remove a graph that failed verification, its record and data, and temporary files of killed exports."""
+    for p in folder.iterdir():
+        if p.name.startswith(graph.name) or (p.name.startswith(".") and p.name.endswith(".tmp")) \
+                or p.name.endswith(".onnx.tmp"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def cached_graph(graph: Path, make) -> Path:
+    """`graph` verified against its record, or made by `make(graph)` (under the entry's lock) and recorded.
+
+    A graph that fails verification is removed and made again; if making it is impossible here (no torch), the error
+    says which folder to delete."""
+    if graph_problem(graph) is None:
+        log.info("export cache hit: %s", graph)
+        return graph
+    with _entry_lock(graph.parent):
+        problem = graph_problem(graph)
+        if problem is None:  # another command finished it while this one waited
+            return graph
+        if problem != "missing":
+            print(f"cached graph {graph}: {problem}; making it again", file=sys.stderr)
+        _clear_entry(graph.parent, graph)
+        try:
+            make(graph)
+        except ImportError as e:
+            raise RuntimeError(f"{graph.parent}: cached graph unusable ({problem}) and it cannot be exported here "
+                               f"({e}); install the export extra or delete {graph.parent} and rerun") from None
+        record_graph(graph)
+    return graph
+
+
 def _key(sha256: str, options: dict) -> str:
     opts = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
     return f"{sha256[:16]}-{opts}"
@@ -69,25 +165,23 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
     sha = sha256_file(checkpoint)
     options = {"family": "htdemucs", "segment": segment, "opset": opset, "export_version": EXPORT_VERSION}
     out = (out_root or onnx_root()) / "htdemucs" / _key(sha, options) / "model.onnx"
-    if out.exists():
-        log.info("export cache hit: %s", out)
-        return out
-    export_demucs = _export_side("onnx_export").export_demucs
-    safe_load = _export_side("safe_load")
-    size_mb = checkpoint.stat().st_size / 1e6
-    print(f"exporting {checkpoint.name} ({size_mb:.0f} MB) to ONNX: first use only, cached in {out.parent}. Tracing, "
-          "then a parity check against upstream torch; a released-size model takes about 1-3 minutes on a few cores",
-          file=sys.stderr, flush=True)
-    t0 = time.monotonic()
-    model = safe_load.build_demucs_model(safe_load.load_demucs_package(checkpoint))
-    if segment is not None and segment <= float(model.segment):
-        model.segment = segment  # upstream BagOfModels rule for HTDemucs
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_demucs(model, out, opset=opset, metadata={
-        "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
-        "ripper.export_options": json.dumps(options, sort_keys=True)})
-    _report_export(out, t0)
-    return out
+
+    def make(out: Path) -> None:
+        export_demucs = _export_side("onnx_export").export_demucs
+        safe_load = _export_side("safe_load")
+        print(f"exporting {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.0f} MB) to ONNX: first use only, "
+              f"cached in {out.parent}. Tracing, then a parity check against upstream torch; a released-size model "
+              "takes about 1-3 minutes on a few cores", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        model = safe_load.build_demucs_model(safe_load.load_demucs_package(checkpoint))
+        if segment is not None and segment <= float(model.segment):
+            model.segment = segment  # upstream BagOfModels rule for HTDemucs
+        export_demucs(model, out, opset=opset, metadata={
+            "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
+            "ripper.export_options": json.dumps(options, sort_keys=True)})
+        _report_export(out, t0)
+
+    return cached_graph(out, make)
 
 
 def _report_export(path: Path, t0: float) -> None:
@@ -110,7 +204,8 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
     options = {"family": family, "config_sha256": sha256_file(config), "opset": opset,
                "export_version": EXPORT_VERSION}
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
-    if not out.exists():
+
+    def make(out: Path) -> None:
         RoformerKeyError = _export_side("roformer").RoformerKeyError
         _export = _export_side("roformer_export").export_roformer
         print(f"exporting {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.0f} MB) to ONNX: first use only, "
@@ -130,6 +225,8 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
         except RoformerKeyError as e:  # a checkpoint that does not fit the config: the user's to fix
             raise ValueError(f"{checkpoint}: {e}") from None
         _report_export(out, t0)
+
+    cached_graph(out, make)
     return ExportedModel(checkpoint.stem, family, (out,), None)
 
 
@@ -149,9 +246,10 @@ def fp16_graph(fp32_path: Path) -> Path:
     the fp32 graph on a music-like chunk is stored in the metadata (`ripper.fp16_sdr_db`) and must reach
     FP16_MIN_SDR_DB. Needs onnx and onnxruntime only, no torch.
     """
-    out = fp32_path.with_name("model-fp16.onnx")
-    if out.exists():
-        return out
+    return cached_graph(fp32_path.with_name("model-fp16.onnx"), lambda out: _convert_fp16(fp32_path, out))
+
+
+def _convert_fp16(fp32_path: Path, out: Path) -> None:
     import onnx
 
     from ripper_export.fp16 import fp16_sdr, music_like, to_fp16
@@ -170,4 +268,3 @@ def fp16_graph(fp32_path: Path) -> Path:
     with atomic_path(out) as tmp:
         onnx.save(half, str(tmp))
     log.info("fp16 graph %s: %.1f dB from fp32", out, sdr)
-    return out

@@ -2,12 +2,17 @@
 
 Accepts files, folders (recursive), globs and list files (`.txt` one path per line, `.csv` with a `path` column or a
 single column, `.parquet` with a `path`/`input_path` column). Relative paths in a list file are relative to the list.
+A list names files: an empty entry or a folder in it is an error naming the list and line (never a folder scan).
+Inputs that cannot be read as files (FIFOs, devices, unreadable files or folders) are kept with the reason, so each
+gets its own failed row without anything opening it (a FIFO would block its reader).
 """
 from __future__ import annotations
 
 import csv
 import glob
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,29 +24,82 @@ LIST_EXTENSIONS = {".txt", ".csv", ".parquet"}
 class TrackInput:
     path: Path
     track: str  # output folder name, unique within a job
+    error: str | None = None  # refused at listing (not a regular file, unreadable): a failed row, never opened
+
+
+def input_problem(path: Path) -> str | None:
+    """Why `path` cannot be an input, from its metadata alone (None: go ahead; a missing file fails when read)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror}: {path}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"NotAFileError: {path} is a folder that cannot be listed (permission denied)" \
+            if not os.access(path, os.R_OK | os.X_OK) else f"NotAFileError: {path} is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "character device" if stat.S_ISCHR(st.st_mode)
+                else "block device" if stat.S_ISBLK(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "special file")
+        return f"NotAFileError: {path} is a {kind}, not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"PermissionError: permission denied: {path}"
+    return None
+
+
+class ListFileError(ValueError):
+    """A list file entry that names no file (empty, or a folder): the list's to fix, before any work starts."""
+
+
+def _entry(base: Path, listfile: Path, where: str, value) -> Path:
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise ListFileError(f"{listfile} {where}: empty path (a list names files; remove the entry)")
+    p = Path(text) if Path(text).is_absolute() else base / text
+    if p.is_dir():
+        raise ListFileError(f"{listfile} {where}: {text} is a folder (a list names files; give the folder itself "
+                            "as an input to separate everything in it)")
+    return p
 
 
 def _from_list(path: Path) -> list[Path]:
     base = path.parent
     if path.suffix == ".txt":
-        items = [ln.strip() for ln in path.read_text().splitlines()]
-        items = [i for i in items if i and not i.startswith("#")]
-    elif path.suffix == ".csv":
+        return [_entry(base, path, f"line {n}", ln) for n, ln in enumerate(path.read_text().splitlines(), 1)
+                if ln.strip() and not ln.strip().startswith("#")]
+    if path.suffix == ".csv":
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]  # blank lines: none
         if not rows:
             return []
-        header = [h.strip().lower() for h in rows[0]]
+        header = [h.strip().lower() for h in rows[0][1]]
         col = next((header.index(c) for c in ("path", "input_path", "file") if c in header), None)
-        items = [r[col] for r in rows[1:]] if col is not None else [r[0] for r in rows]
-    else:
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        col = next((c for c in ("path", "input_path", "file") if c in table.column_names), None)
-        if col is None:
-            raise ValueError(f"{path}: no 'path' or 'input_path' column (columns: {table.column_names})")
-        items = [str(x) for x in table.column(col).to_pylist() if x]
-    return [Path(i) if Path(i).is_absolute() else base / i for i in items]
+        body = rows[1:] if col is not None else rows
+        col = col or 0
+        return [_entry(base, path, f"line {n}", r[col] if col < len(r) else "") for n, r in body]
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    col = next((c for c in ("path", "input_path", "file") if c in table.column_names), None)
+    if col is None:
+        raise ListFileError(f"{path}: no 'path' or 'input_path' column (columns: {table.column_names})")
+    return [_entry(base, path, f"row {n}", x) for n, x in enumerate(table.column(col).to_pylist())]
+
+
+def _walk(folder: Path, ignored: dict[str, int] | None = None) -> list[Path]:
+    """Audio files under `folder` (symlinked folders are not followed); a folder that cannot be listed is returned
+    itself, so it gets a failed row instead of vanishing. ignored: counts the extensions of the other files."""
+    out, unreadable = [], []
+    for root, dirs, files in os.walk(folder, onerror=lambda e: unreadable.append(Path(e.filename))):
+        dirs.sort()
+        for name in files:
+            f = Path(root) / name
+            if f.suffix.lower() in AUDIO_EXTENSIONS and (f.is_file() or input_problem(f) is not None):
+                out.append(f)
+            elif ignored is not None and not name.startswith("."):
+                ext = f.suffix.lower() or "(no extension)"
+                ignored[ext] = ignored.get(ext, 0) + 1
+    return sorted(out) + unreadable
 
 
 def _check_readable(path: Path) -> None:
@@ -62,21 +120,15 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS:
-                    out.append(f)
-                elif f.is_file() and not f.name.startswith("."):
-                    ext = f.suffix.lower() or "(no extension)"
-                    ignored[ext] = ignored.get(ext, 0) + 1
+            out += _walk(p, ignored)
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
-            for item in _from_list(p):
-                out += expand_inputs([str(item)]) if item.is_dir() else [item]
+            out += _from_list(p)
         elif not p.exists() and any(ch in spec for ch in "*?["):
             out += [Path(f) for f in sorted(glob.glob(spec, recursive=True)) if Path(f).is_file()]
         elif not p.exists():
             raise FileNotFoundError(f"input {spec}: no such file or folder")
         else:
-            if p.suffix.lower() not in AUDIO_EXTENSIONS:  # named on the command line: its header must read now
+            if p.is_file() and p.suffix.lower() not in AUDIO_EXTENSIONS:  # named on the command line: read it now
                 _check_readable(p)
             out.append(p)
     if not out and ignored:
@@ -103,5 +155,5 @@ def assign_tracks(paths: list[Path]) -> list[TrackInput]:
         name = p.stem
         if stems[name] > 1:
             name = f"{name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
-        result.append(TrackInput(p, name))
+        result.append(TrackInput(p, name, input_problem(p)))
     return result

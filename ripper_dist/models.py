@@ -47,7 +47,13 @@ class ModelBundle:
     @classmethod
     def from_exported(cls, exported: ExportedModel) -> "ModelBundle":
         graphs = [Path(p).read_bytes() for p in exported.onnx_paths]
-        infos = [read_info(g) for g in graphs]
+        infos = []
+        for path, g in zip(exported.onnx_paths, graphs):
+            try:
+                infos.append(read_info(g))
+            except Exception as e:  # noqa: BLE001 - protobuf errors name no file
+                raise ValueError(f"{path}: not a usable ripper-dist ONNX graph ({type(e).__name__}: "
+                                 f"{str(e).strip()[:200]})") from None
         first = infos[0]
         for i in infos[1:]:
             if (i.sources, i.sample_rate, i.channels) != (first.sources, first.sample_rate, first.channels):

@@ -181,13 +181,15 @@ class OnnxRunner:
         self._out_item = tuple(out.shape[1:]) if all(isinstance(d, int) for d in out.shape[1:]) else None
         self._bound: dict[int, tuple] = {}  # batch size -> (binding, input OrtValue, output OrtValue)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    accepts_run_options = True  # `watchdog.GuardedRunner` passes RunOptions it can terminate from another thread
+
+    def __call__(self, batch: np.ndarray, run_options=None) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         parts, k = [], 0
         while k < len(batch):
             piece = batch[k:k + (self.max_batch or len(batch))]
             try:
-                parts.append(self._run(piece))
+                parts.append(self._run(piece, run_options))
             except Exception as e:  # noqa: BLE001 - only an allocation failure on a GPU is retried
                 from .gpu_memory import is_out_of_memory
                 if not (self.on_gpu and len(piece) > 1 and is_out_of_memory(e)):
@@ -200,9 +202,9 @@ class OnnxRunner:
             k += len(piece)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, run_options=None) -> np.ndarray:
         if not self._bind or self._out_item is None:
-            return self.session.run([self._output], {self._input: batch})[0]
+            return self.session.run([self._output], {self._input: batch}, run_options)[0]
         slot = self._bound.get(len(batch))
         if slot is None:
             while len(self._bound) >= 2:  # a full batch and a track's last, shorter one
@@ -216,7 +218,7 @@ class OnnxRunner:
             slot = self._bound[len(batch)] = (binding, x, y)
         binding, x, y = slot
         x.update_inplace(batch)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         out = y.numpy()
         return out if self.on_gpu else out.copy()  # a CPU OrtValue's array is the reused buffer itself
 

@@ -16,6 +16,7 @@ from .audio import CLIP_MODES, WRITE_SUBTYPES
 from .device import canonical
 from .encoders import BITRATE_FORMATS, unavailable
 from .stem_sink import DEFAULT_TEMPLATE, check_template
+from .watchdog import DEFAULT_CHUNK_TIMEOUT_S, DEFAULT_TRACK_TIMEOUT_S, Limits
 
 ENGINES = ("auto", "ray", "local")
 OTHER_METHODS = ("add", "minus", "none")
@@ -62,6 +63,9 @@ class SeparateOptions:
     actors: int | None = None
     num_cpus: int | None = None
     shared_fs: bool = True
+    # watchdog (seconds; 0 = no limit): see watchdog.py
+    track_timeout: float = DEFAULT_TRACK_TIMEOUT_S
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT_S
     # job
     force: bool = False
     progress: bool = True
@@ -146,6 +150,10 @@ class SeparateOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(f"--{name.replace('_', '-')}", f"{v} must be >= 1")
+        for name in ("track_timeout", "chunk_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v >= 0:
+                bad(f"--{name.replace('_', '-')}", f"{v!r} must be a number of seconds >= 0 (0: no limit)")
         if self.engine not in ENGINES:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
         if not self.shared_fs and self.engine == "local":
@@ -255,6 +263,9 @@ class SeparateOptions:
     def output(self):
         from .stem_sink import StemOutput
         return StemOutput(self.format, self.subtype, self.clip_mode, self.bitrate, self.sample_rate)
+
+    def limits(self) -> Limits:
+        return Limits(float(self.track_timeout), float(self.chunk_timeout))
 
     def ray_address(self) -> str | None:
         return self.address or os.environ.get("RAY_ADDRESS") or None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,15 +21,19 @@ import numpy as np
 from .atomic import write_text
 
 PARTS_DIR = ".ripper-dist/parts"
+#: Temporary names this package writes beside a stem (`StemWriter`: `.<stem>.<ext>.<12 hex>.tmp|.f32`; `atomic_path`:
+#: `.<name>.<8 random>.tmp`): the only files the cleanup removes from a track folder.
+TEMP_NAME = re.compile(r"^\.[^/]+\.(wav|flac)\.([0-9a-f]{12}\.(tmp|f32)|[a-z0-9_]{8}\.tmp)$")
 
 
 def parts_root(out_dir: Path, options_key: str) -> Path:
     return Path(out_dir) / PARTS_DIR / options_key
 
 
-def clean_leftovers(out_dir: Path, options_key: str, tracks) -> None:
-    """Remove what an interrupted run (or a worker killed mid-write) left in OUT: the span parts of this options key
-    and the stems' temporary files in the given track folders. Never a finished file: those appear by rename only."""
+def clean_leftovers(out_dir: Path, options_key: str, folders) -> None:
+    """Remove what an interrupted run (or a worker killed mid-write) left in OUT: the span parts of this options key,
+    the stems' temporary files (`TEMP_NAME`, nothing else) in the given track folders, and those folders if that left
+    them empty. Never a finished file: those appear by rename only."""
     out_dir = Path(out_dir)
     shutil.rmtree(parts_root(out_dir, options_key), ignore_errors=True)
     for empty in (out_dir / PARTS_DIR, (out_dir / PARTS_DIR).parent):
@@ -36,12 +41,19 @@ def clean_leftovers(out_dir: Path, options_key: str, tracks) -> None:
             empty.rmdir()  # only if nothing else (another options key, the manifest journal) is in there
         except OSError:
             pass
-    for track in tracks:
-        folder = out_dir / track
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if p.name.startswith(".") and p.suffix in (".tmp", ".f32"):
-                    p.unlink(missing_ok=True)
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if TEMP_NAME.match(name):
+                (folder / name).unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # a failed track's folder, now empty
+        except OSError:
+            pass
 
 
 class PartWriter:

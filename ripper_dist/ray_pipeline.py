@@ -38,13 +38,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .error_log import format_traceback, one_line
 from .families import Family
 from .manifest import RowContext
 from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
 from .progress import Progress
-from .span_work import TrackPlan, open_reader, plan_track, run_span, stem_sink
+from .span_work import TrackPlan, check_unchanged, open_reader, plan_track, run_span, stem_sink
 from .stem_sink import StemLayout, StemOutput
+from .watchdog import Deadline, Limits, guard, run_with_deadline
 
 if TYPE_CHECKING:
     from .separator import Job
@@ -66,6 +68,7 @@ class JobSpec:
     n_tracks: int
     actors: int
     io: object = None  # the NodeIO actor handle with --no-shared-fs
+    limits: Limits = Limits()
 
     def n_spans(self, length: int) -> int:
         sr = self.family.sample_rate
@@ -90,19 +93,20 @@ class JobSpec:
         return open_reader(self.family, path)
 
 
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
 # -- stage 1: plan --------------------------------------------------------------------------------------------------
 def _plan(row: dict, *, spec: JobSpec) -> list[dict]:
     base = {"track_idx": int(row["track_idx"]), "path": row["path"], "track": row["track"], "span": 0,
-            "n_spans": 0, "plan": "", "error": ""}
-    try:
+            "n_spans": 0, "plan": "", "error": "", "traceback": ""}
+
+    def plan_it(deadline: Deadline) -> TrackPlan:
         with open_reader(spec.family, row["path"]) as reader:
-            plan = plan_track(spec.family, reader, spec.n_spans)
+            deadline.set_duration(reader.info.duration_s)
+            return plan_track(spec.family, reader, spec.n_spans)
+
+    try:
+        plan = run_with_deadline(plan_it, Deadline(spec.limits, row["path"]))
     except Exception as e:  # noqa: BLE001 - any failure belongs on this track's row
-        return [base | {"error": _error(e)}]
+        return [base | {"error": one_line(e), "traceback": format_traceback(e)}]
     text = json.dumps(plan.to_row())
     return [base | {"span": k, "n_spans": len(plan.spans), "plan": text} for k in range(len(plan.spans))]
 
@@ -135,14 +139,16 @@ class SpanSeparator:
         node_id = ray.get_runtime_context().get_node_id()[:8]  # hostnames can repeat (containers, one machine)
         self.actor = f"{self.node}:{os.getpid()}:{node_id}" + (f":gpu{gpu}" if gpu else "")
 
-    def _whole(self, path: str, track: str, plan: TrackPlan) -> tuple[dict, str]:
+    def _whole(self, deadline: Deadline, path: str, track: str, plan: TrackPlan) -> tuple[dict, str]:
         """A one-span track on a CPU actor with the stems' folder at hand: straight into its stem files, as the local
         engine does (no part written and read back); returns (span info, the track's row)."""
         spec = self.spec
         sink = stem_sink(spec.family, plan, spec.out_paths(track, path), spec.output)
         try:
             with spec.reader(path) as reader:
-                info = run_span(spec.family, self.runners, reader, plan, 0, self.batch_size, sink)
+                info = run_span(spec.family, guard(self.runners, deadline), reader, plan, 0, self.batch_size, sink)
+            check_unchanged(path, plan)
+            deadline.check()  # expired while the last blocks were written: the caller has given up on it
         except BaseException:
             sink.abort()
             raise
@@ -151,12 +157,14 @@ class SpanSeparator:
                              node=self.node, worker=self.actor, compute_s=info["compute_s"], **sink.row_fields())
         return info, json.dumps(row)
 
-    def _one(self, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
+    def _one(self, deadline: Deadline, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
         parts = self.spec.parts(track, n_spans)
         writer = parts.writer(span)
         try:
             with self.spec.reader(path) as reader:
-                info = run_span(self.spec.family, self.runners, reader, plan, span, self.batch_size, writer)
+                info = run_span(self.spec.family, guard(self.runners, deadline), reader, plan, span,
+                                self.batch_size, writer)
+            deadline.check()
             writer.close()
         except BaseException:
             writer.abort()
@@ -167,6 +175,7 @@ class SpanSeparator:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["track_idx"])
         errors = [str(e) for e in batch["error"]]
+        tracebacks = [str(t) for t in batch["traceback"]]
         compute = np.zeros(n)
         rows = [""] * n
         for i in range(n):
@@ -175,16 +184,23 @@ class SpanSeparator:
             try:
                 plan = TrackPlan.from_row(json.loads(str(batch["plan"][i])))
                 path, track, n_spans = str(batch["path"][i]), str(batch["track"][i]), int(batch["n_spans"][i])
-                if n_spans == 1 and self.encode_here:
-                    info, rows[i] = self._whole(path, track, plan)
-                else:
-                    info = self._one(path, track, int(batch["span"][i]), n_spans, plan)
+                span = int(batch["span"][i])
+                a, b = plan.spans[span]
+
+                def work(deadline: Deadline):
+                    if n_spans == 1 and self.encode_here:
+                        return self._whole(deadline, path, track, plan)
+                    return self._one(deadline, path, track, span, n_spans, plan), ""
+
+                what = path if n_spans == 1 else f"{path} (span {span + 1} of {n_spans})"
+                info, rows[i] = run_with_deadline(
+                    work, Deadline(self.spec.limits, what, (b - a) / self.spec.family.sample_rate))
                 compute[i] = info["compute_s"]
             except Exception as e:  # noqa: BLE001 - the track fails, the job goes on
-                errors[i] = _error(e)
-        return {k: batch[k] for k in batch if k != "error"} | {"error": np.array(errors, dtype=object),
-                                                              "compute_s": compute,
-                                                              "row": np.array(rows, dtype=object)}
+                errors[i], tracebacks[i] = one_line(e), format_traceback(e)
+        return {k: batch[k] for k in batch if k not in ("error", "traceback")} | {
+            "error": np.array(errors, dtype=object), "traceback": np.array(tracebacks, dtype=object),
+            "compute_s": compute, "row": np.array(rows, dtype=object)}
 
 
 # -- stage 3: assemble finished tracks ------------------------------------------------------------------------------
@@ -194,6 +210,7 @@ def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: Tra
     try:
         for block in parts.blocks(len(family.stems), family.channels):
             sink.write(block)
+        check_unchanged(path, plan)
     except BaseException:
         sink.abort()
         raise
@@ -212,7 +229,7 @@ def _finish(batch: dict, *, spec: JobSpec) -> dict:
     sr = spec.family.sample_rate
     for i in range(n):
         path, track = str(batch["path"][i]), str(batch["track"][i])
-        n_spans, error = int(batch["n_spans"][i]), str(batch["error"][i])
+        n_spans, error, tb = int(batch["n_spans"][i]), str(batch["error"][i]), str(batch["traceback"][i])
         plan = TrackPlan.from_row(json.loads(str(batch["plan"][i]))) if str(batch["plan"][i]) else None
         durations[i] = plan.duration_s if plan else 0.0
         kind, row = "span", ""
@@ -220,20 +237,23 @@ def _finish(batch: dict, *, spec: JobSpec) -> dict:
             kind, row = "done", str(batch["row"][i])
             seconds[i] = plan.length / sr
         elif plan is None:  # failed while planning: the track's only row
-            kind, row = "failed", json.dumps(spec.rows.failed(path, track, error))
+            kind, row = "failed", json.dumps(spec.rows.failed(path, track, error, traceback=tb))
         else:
             a, b = plan.spans[int(batch["span"][i])]
             seconds[i] = (b - a) / sr
             parts = TrackParts(spec.parts_root, track, n_spans)
             if error:
                 if parts.claim():
-                    kind, row = "failed", json.dumps(spec.rows.failed(path, track, error))
+                    kind, row = "failed", json.dumps(spec.rows.failed(path, track, error, traceback=tb))
                     parts.remove()
             elif parts.complete() and parts.claim():
                 try:
-                    kind, row = "done", json.dumps(_assemble(spec, path, track, parts, plan))
+                    done = run_with_deadline(lambda d: _assemble(spec, path, track, parts, plan),
+                                             Deadline(spec.limits, f"{path} (writing its stems)", plan.duration_s))
+                    kind, row = "done", json.dumps(done)
                 except Exception as e:  # noqa: BLE001
-                    kind, row = "failed", json.dumps(spec.rows.failed(path, track, _error(e)))
+                    kind, row = "failed", json.dumps(spec.rows.failed(path, track, one_line(e),
+                                                                      traceback=format_traceback(e)))
                 parts.remove()
         kinds.append(kind)
         rows.append(row)
@@ -440,7 +460,7 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
                 family.sample_rate, family.channels)
         spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
                        layout=job.layout, output=opts.output(), n_tracks=len(tracks),
-                       actors=shape["actors"], io=io)
+                       actors=shape["actors"], io=io, limits=opts.limits())
         graph_refs = [ray.put(g) if m in family.models else None for m, g in enumerate(job.bundle.graphs)]
         rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape["device"])
         items = [{"track_idx": i, "path": str(t.path), "track": t.track} for i, t in tracks.items()]
@@ -472,16 +492,14 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
                     if batch["kind"][i] != "span":
                         row = json.loads(str(batch["row"][i]))
                         closed.add(idx)
-                        job.manifest.record(row)
-                        rows_out.append(row)
+                        rows_out.append(job.record(row))
         finally:
             progress.close()
             for idx, t in tracks.items():  # tracks that never came back (the job was cut short)
                 if idx not in closed:
                     row = spec.rows.failed(str(t.path), t.track, "incomplete: the job ended before this track did")
-                    job.manifest.record(row)
-                    rows_out.append(row)
+                    rows_out.append(job.record(row))
             job.manifest.compact()
             # parts, and temporary files of a worker killed mid-write (its span or track was redone elsewhere)
-            clean_leftovers(job.out_dir, job.key, job.stem_folders(list(tracks.values())))
+            clean_leftovers(job.out_dir, job.key, job.stem_folders())
     return rows_out

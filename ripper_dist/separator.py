@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .error_log import ErrorLog, format_traceback, one_line
 from .families import Family, family_for
 from .hashing import options_key, sha256_file
 from .inputs import TrackInput, assign_tracks, expand_inputs
@@ -35,6 +36,19 @@ class Job:
     skipped: int = 0
     started: float = field(default_factory=time.time)
     load_s: float = 0.0  # model export/loading before the first track (not counted in the x-realtime)
+    refused: list[TrackInput] = field(default_factory=list)  # not regular files or unreadable: rows, never opened
+
+    @property
+    def errors(self) -> ErrorLog:
+        return ErrorLog(self.out_dir)
+
+    def record(self, row: dict) -> dict:
+        """Record a finished track: its row in the manifest, a failure's traceback in errors.log."""
+        tb = row.pop("traceback", None)
+        if row["status"] == "failed":
+            self.errors.write(row["input_path"], row["error"], tb)
+        self.manifest.record(row)
+        return row
 
     @property
     def out_dir(self) -> Path:
@@ -47,8 +61,9 @@ class Job:
     def stem_paths(self, track: TrackInput) -> dict[str, Path]:
         return self.layout.paths(track.track, self.family.stems, track.path)
 
-    def stem_folders(self, tracks: list[TrackInput]) -> list[Path]:
-        return sorted(self.layout.folders([t.track for t in tracks], self.family.stems, [t.path for t in tracks]))
+    def stem_folders(self) -> list[Path]:
+        """Every folder this job's stems go to (where an interrupted run may have left temporary files)."""
+        return sorted({p.parent for t in self.tracks for p in self.stem_paths(t).values()})
 
     def rows(self, engine: str) -> RowContext:
         return RowContext(str(self.out_dir), self.opts.model_name, self.opts.format, self.opts.subtype, self.key,
@@ -91,6 +106,7 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         tracks = assign_tracks(expand_inputs(list(opts.inputs)))
         if not tracks:
             raise ValueError("no input files found")
+    check_writable(opts.out)  # before any export or track: a read-only or full OUT is a setup error (exit 2)
     t0 = time.monotonic()
     if opts.is_ensemble:
         from .ensemble import load_ensemble
@@ -100,10 +116,12 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         family = family_for(bundle, opts)
     load_s = time.monotonic() - t0
     key = options_key(resume_options(opts, bundle, family))
-    opts.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(opts.out)
     todo, skipped = [], 0
+    refused = [t for t in tracks if t.error]
     for t in tracks:
+        if t.error:
+            continue
         if not opts.force and t.path.exists():
             st = t.path.stat()
             if manifest.is_done(opts.model_name, str(t.path), key, st.st_size, st.st_mtime_ns,
@@ -111,12 +129,24 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
                 skipped += 1
                 continue
         todo.append(t)
-    return Job(opts, bundle, family, tracks, todo, manifest, key, skipped, load_s=load_s)
+    return Job(opts, bundle, family, tracks, todo, manifest, key, skipped, refused=refused, load_s=load_s)
+
+
+def check_writable(out: Path) -> None:
+    """Create OUT and a file in it, or raise OSError naming OUT (read-only filesystem, permissions, disk full)."""
+    import tempfile
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ripper-dist-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"-o {out}: cannot write there ({e.strerror})") from None
 
 
 def clean_leftovers(job: Job) -> None:
     """Remove what an interrupted run left in OUT (see `parts.clean_leftovers`)."""
-    parts.clean_leftovers(job.out_dir, job.key, job.stem_folders(job.tracks))
+    parts.clean_leftovers(job.out_dir, job.key, job.stem_folders())
 
 
 def summary(job: Job, rows: list[dict], wall_s: float) -> str:
@@ -134,6 +164,8 @@ def summary(job: Job, rows: list[dict], wall_s: float) -> str:
         lines.append(f"  failed: {r['input_path']}: {r['error']}")
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (see metadata.parquet)")
+    if failed:
+        lines.append(f"  tracebacks in {job.errors.path}")
     return "\n".join(lines)
 
 
@@ -150,9 +182,11 @@ def total_duration(tracks: list[TrackInput]) -> float:
 
 
 def run_local(job: Job) -> list[dict]:
-    """Tracks one after another in this process: each track is one span of the shared work unit."""
+    """Tracks one after another in this process: each track is one span of the shared work unit, under a deadline
+    (`watchdog`); any exception fails its track only (its row, its traceback in errors.log)."""
     from .onnx_model import batch_plan, fit_runners
     from .span_work import separate_track
+    from .watchdog import Deadline, guard, run_with_deadline
     opts, family = job.opts, job.family
     t0 = time.monotonic()
     batch_size, fit_gpu = batch_plan(opts.batch_size, opts.device)
@@ -168,17 +202,17 @@ def run_local(job: Job) -> list[dict]:
         for track in job.todo:
             started = time.time()
             try:
-                paths, plan, info = separate_track(
-                    family, runners, track.path, job.stem_paths(track), output=opts.output(), batch_size=batch_size,
-                    progress=lambda n: progress.update(n / family.sample_rate))
+                paths, plan, info = run_with_deadline(lambda d, track=track: separate_track(
+                    family, guard(runners, d), track.path, job.stem_paths(track), output=opts.output(),
+                    batch_size=batch_size, progress=lambda n: progress.update(n / family.sample_rate), deadline=d),
+                    Deadline(opts.limits(), str(track.path)))
                 row = rows_ctx.done(str(track.path), track.track, plan=plan, paths=paths, started=started,
                                     finished=time.time(), node=socket.gethostname(), worker=worker,
                                     compute_s=info["compute_s"], **info["stems"])
             except Exception as e:  # noqa: BLE001 - one track's failure is its row, never the job's end
-                row = rows_ctx.failed(str(track.path), track.track, f"{type(e).__name__}: {e}", started_at=started,
-                                      node=socket.gethostname(), worker=worker)
-            job.manifest.record(row)
-            rows.append(row)
+                row = rows_ctx.failed(str(track.path), track.track, one_line(e), started_at=started,
+                                      node=socket.gethostname(), worker=worker, traceback=format_traceback(e))
+            rows.append(job.record(row))
     finally:
         progress.close()
         job.manifest.compact()
@@ -197,15 +231,20 @@ def choose_engine(opts: SeparateOptions, n_todo: int) -> str:
 def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> int:
     job = plan_job(opts, tracks)
     clean_leftovers(job)
+    refused = [job.record(job.rows("listing").failed(str(t.path), t.track, t.error)) for t in job.refused]
     t0, load_before = time.monotonic(), job.load_s
     try:
-        if choose_engine(opts, len(job.todo)) == "ray":
+        if not job.todo:
+            rows = []
+        elif choose_engine(opts, len(job.todo)) == "ray":
             from .ray_pipeline import run_ray
             rows = run_ray(job)
         else:
             rows = run_local(job)
+        rows = refused + rows
     finally:  # also what a worker of a killed earlier run wrote after the cleanup above
         clean_leftovers(job)
+    job.manifest.compact()
     wall = time.monotonic() - t0 - (job.load_s - load_before)  # the local engine's sessions count as loading
     print(summary(job, rows, wall), file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in rows) else 0

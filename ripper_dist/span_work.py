@@ -6,6 +6,7 @@ placements cannot drift apart: the same plan, the same model calls, the same ove
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ class TrackPlan:
     input_sha256: str
     spans: tuple[tuple[int, int], ...]
     state: dict = field(default_factory=dict)  # the family's per-track values (Demucs: normalisation statistics)
+    input_size: int = -1      # the input as planned: a file changed or deleted before its stems are published fails
+    input_mtime_ns: int = -1
 
     def to_row(self) -> dict:
         d = asdict(self)
@@ -41,6 +44,21 @@ class TrackPlan:
         return cls(**d)
 
 
+class InputChangedError(OSError):
+    """The input was changed or deleted while it was being separated: its stems would mix two versions."""
+
+
+def check_unchanged(path, plan: "TrackPlan") -> None:
+    """Raise InputChangedError unless `path` is still the file that was planned (size and mtime)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputChangedError(f"{path}: deleted during separation (its stems were not published)") from None
+    if plan.input_size >= 0 and (st.st_size, st.st_mtime_ns) != (plan.input_size, plan.input_mtime_ns):
+        raise InputChangedError(f"{path}: changed during separation (its stems were not published; a rerun "
+                                "separates the new version)")
+
+
 def open_reader(family: Family, path) -> AudioReader:
     return AudioReader(path, family.sample_rate, family.channels)
 
@@ -51,13 +69,19 @@ def plan_track(family: Family, reader, n_spans: Callable[[int], int] | int = 1, 
     n_spans: a number, or a function of the model-rate length (the Ray job: enough spans to spread a long track
     over the actors and to bound each span's memory)."""
     info = reader.info
+    try:
+        st = os.stat(reader.path)  # before the pass over the audio: a change during it is caught too
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:
+        size = mtime = -1
     if reader.length == 0:
         raise AudioError(f"{reader.path}: no audio samples")
     state = family.track_state(reader)
     count = n_spans(reader.length) if callable(n_spans) else int(n_spans)
     return TrackPlan(length=reader.length, in_rate=info.sample_rate, frames=info.frames, in_channels=info.channels,
                      duration_s=info.duration_s, input_sha256=sha256 or sha256_file(reader.path),
-                     spans=tuple(family.spans(reader.length, count)), state=state)
+                     spans=tuple(family.spans(reader.length, count)), state=state, input_size=size,
+                     input_mtime_ns=mtime)
 
 
 def run_span(family: Family, runners, reader, plan: TrackPlan, span: int, batch_size: int, sink,
@@ -87,14 +111,22 @@ def stem_sink(family: Family, plan: TrackPlan, out_paths: dict[str, Path], outpu
 
 def separate_track(family: Family, runners, path, out_paths: dict[str, Path], *, output=None, fmt: str = "wav",
                    subtype: str | None = None, clip: str = "rescale", batch_size: int = 1,
-                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Path], TrackPlan, dict]:
+                   progress: Callable[[int], None] | None = None,
+                   deadline=None) -> tuple[dict[str, Path], TrackPlan, dict]:
     """The local engine's track: one span, straight into the stem files. Returns (paths, plan, span info); the info
-    carries the sink's `row_fields` under "stems"."""
+    carries the sink's `row_fields` under "stems".
+
+    deadline: a `watchdog.Deadline`, told the track's duration once the header is read."""
     with open_reader(family, path) as reader:
+        if deadline is not None:
+            deadline.set_duration(reader.info.duration_s)
         plan = plan_track(family, reader, 1)
         sink = stem_sink(family, plan, out_paths, output, fmt=fmt, subtype=subtype, clip=clip)
         try:
             info = run_span(family, runners, reader, plan, 0, batch_size, sink, progress)
+            check_unchanged(path, plan)
+            if deadline is not None:
+                deadline.check()
         except BaseException:
             sink.abort()
             raise

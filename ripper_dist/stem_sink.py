@@ -71,6 +71,10 @@ class StemOutput:
         return output_rate(self.fmt, self.sample_rate or input_rate)
 
 
+class NonFiniteOutputError(ValueError):
+    """The model returned NaN or Inf (e.g. an fp16 overflow): the track fails instead of publishing blank stems."""
+
+
 BLOCK = 1 << 16  # model-rate samples per write: the resampler sees the same blocks however the samples arrived
 
 
@@ -97,6 +101,8 @@ class StemSink:
     def write(self, block: np.ndarray) -> None:
         if block.shape[0] != len(self.writers):
             raise ValueError(f"{block.shape[0]} stems in the block, {len(self.writers)} writers")
+        if not np.isfinite(block).all():
+            raise NonFiniteOutputError(f"the model returned NaN or Inf samples near model-rate sample {self.samples}")
         self.samples += block.shape[-1]
         self._pending.append(block)
         self._buffered += block.shape[-1]

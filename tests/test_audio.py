@@ -238,3 +238,43 @@ def test_writer_is_atomic(tmp_path):
     w.close()
     assert sf.read(out, dtype="float32")[0][0, 0] == pytest.approx(0.5 / 1.0)
     assert _no_temp_files(tmp_path)
+
+
+def test_non_finite_input_is_refused(tmp_path):
+    from ripper_dist.audio import NonFiniteAudioError
+    x = np.random.default_rng(0).standard_normal((44100, 2)).astype(np.float32) * 0.1
+    x[22050, 1] = np.nan
+    sf.write(tmp_path / "nan.wav", x, 44100, subtype="FLOAT")
+    with AudioReader(tmp_path / "nan.wav", 44100) as r:
+        r.read(0, 20000)  # before the bad sample: fine
+        with pytest.raises(NonFiniteAudioError, match=r"NaN or Inf samples in the input \(first at 0.500 s\)"):
+            r.read(0, 44100)
+    with AudioReader(tmp_path / "nan.wav", 48000) as r:  # through the resampler too
+        with pytest.raises(NonFiniteAudioError):
+            r.read_all()
+
+
+def test_long_wav_stems_are_rf64(tmp_path, monkeypatch):
+    """A plain WAV ends at 4 GiB: a stem that would not fit is written as RF64 (libsndfile reads it back)."""
+    from ripper_dist import audio
+    from ripper_dist.audio import StemWriter, wav_container
+    four_hours = 4 * 3600 * 44100
+    assert wav_container(four_hours, 2, "FLOAT") == "RF64"        # 4.26e9 bytes
+    assert wav_container(four_hours, 2, "PCM_16") == "WAV"        # 2.1e9 bytes
+    assert wav_container(four_hours, 2, "PCM_24") == "WAV"        # 3.2e9 bytes
+    assert wav_container(6 * 3600 * 44100, 2, "PCM_24") == "RF64"  # 4.8e9 bytes
+    assert wav_container(3 * 3600 * 8000, 1, "FLOAT") == "WAV"    # 3 hours at 8 kHz mono: 346 MB
+    limit = audio.WAV_MAX_DATA_BYTES
+    frames = limit // 8  # stereo float: exactly at the limit, then one frame over
+    assert wav_container(frames, 2, "FLOAT") == "WAV" and wav_container(frames + 1, 2, "FLOAT") == "RF64"
+    monkeypatch.setattr(audio, "WAV_MAX_DATA_BYTES", 1000)  # the same path with a small file
+    y = np.random.default_rng(1).uniform(-0.5, 0.5, (2, 4000)).astype(np.float32)
+    for clip in ("rescale", "none"):
+        with StemWriter(tmp_path / f"{clip}.wav", in_rate=44100, frames=4000, subtype="FLOAT", clip=clip) as w:
+            w.write(y)
+        info = sf.info(tmp_path / f"{clip}.wav")
+        assert (info.format, info.frames) == ("RF64", 4000)
+        assert np.array_equal(sf.read(tmp_path / f"{clip}.wav", dtype="float32")[0].T, y)
+    with StemWriter(tmp_path / "short.wav", in_rate=44100, frames=100, subtype="FLOAT") as w:
+        w.write(y[:, :100])
+    assert sf.info(tmp_path / "short.wav").format == "WAV"

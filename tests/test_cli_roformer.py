@@ -66,6 +66,23 @@ def test_missing_key_refused_with_clear_message(tmp_path, capsys):
     assert "missing" in err.lower() and sorted(state)[0].split(".")[0] in err
 
 
+def test_config_sizes_checked_against_the_checkpoint_before_building(tmp_path, capsys):
+    """A config that does not describe the checkpoint (depth 10000) fails at once with a short line, before the model
+    it describes is allocated."""
+    import time
+    config, ckpt = make_roformer_checkpoint(tmp_path / "m", "mel_band_roformer", size="small")
+    text = config.read_text()
+    depth = load_roformer_config(config).model["depth"]
+    config.write_text(text.replace(f"depth: {depth}\n", "depth: 10000\n", 1))
+    assert load_roformer_config(config).model["depth"] == 10000
+    t0 = time.monotonic()
+    rc = main(["separate", "--engine", "local", "--no-progress", "-n", "mel_band_roformer", "--config", str(config),
+               "--checkpoint", str(ckpt), "-o", str(tmp_path / "out"), str(write_tone(tmp_path / "t.wav", 0.5))])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.monotonic() - t0 < 20
+    assert "depth" in err and "10000" in err and f"({depth},)" in err and len(err) < 2000
+
+
 def test_chain_roformer_vocals_then_demucs_on_the_rest(tmp_path):
     """Vocals from RoFormer, the instrumental split by Demucs, in one command."""
     from ripper_export.random_demucs import make_bag_repo

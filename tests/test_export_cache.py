@@ -2,7 +2,7 @@
 import pytest
 
 import ripper_export.onnx_export as onnx_export
-from ripper_dist.export_cache import export_demucs_source
+from ripper_dist.export_cache import export_demucs_source, graph_problem
 from ripper_dist.models import ModelBundle
 from ripper_dist.sources import resolve_demucs
 from ripper_export.random_demucs import make_bag_repo
@@ -24,6 +24,28 @@ def test_second_run_exports_nothing(tmp_path, monkeypatch):
     assert bundle.weights == [[1, 0, 0, 1], [0, 1, 1, 0]] and bundle.sources == ["drums", "bass", "other", "vocals"]
     meta = bundle.info.raw
     assert meta["ripper.checkpoint_sha256"] and float(meta["ripper.parity_sdr_db"]) >= 60
+    # a cached graph damaged later (truncated) is never loaded: it is exported again ...
+    graph = first.onnx_paths[0]
+    good = graph.read_bytes()
+    graph.write_bytes(good[:1000])
+    with pytest.raises(AssertionError, match="exported again"):
+        export_demucs_source(resolve_demucs("bag", repo=repo))
+    assert not graph.exists()  # the damaged file is gone, never half used
+
+    # ... and where that is impossible (no torch here), the error names the folder to delete
+    def no_torch(*a, **k):
+        raise ImportError("No module named 'torch'")
+    monkeypatch.setattr(onnx_export, "export_demucs", no_torch)
+    with pytest.raises(RuntimeError, match=f"delete {graph.parent}"):
+        export_demucs_source(resolve_demucs("bag", repo=repo))
+    monkeypatch.setattr(onnx_export, "export_demucs", lambda model, out, **k: out.write_bytes(good))  # as exported
+    again = export_demucs_source(resolve_demucs("bag", repo=repo))
+    assert graph_problem(graph) is None and ModelBundle.from_exported(again).info.family == "htdemucs"
+    graph.write_bytes(good)  # the same bytes, written again: its mtime differs, its sha256 matches the record
+    assert graph_problem(graph) is None
+    graph.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one bit flipped, same size
+    assert "sha256" in graph_problem(graph)
+    monkeypatch.setattr(onnx_export, "export_demucs", refuse)
     # another bag segment is another export
     (repo / "bag.yaml").write_text((repo / "bag.yaml").read_text() + "segment: 1.0\n")
     with pytest.raises(AssertionError, match="exported again"):

@@ -48,3 +48,40 @@ def test_unsupported_files_are_named_before_anything_runs(tmp_path):
         expand_inputs([str(tmp_path / "album")])
     with pytest.raises(ValueError, match=r"a\.m4a: \.m4a files are not readable"):
         expand_inputs([str(tmp_path / "album" / "a.m4a")])
+
+
+def test_lists_name_files_only(tmp_path):
+    """An empty entry or a folder in a list is an error naming the list and line, never a scan of the list's folder;
+    blank lines are nothing."""
+    from ripper_dist.inputs import ListFileError
+    song = _touch(tmp_path / "music" / "song.wav")
+    _touch(tmp_path / "unlisted.wav")
+    (tmp_path / "ok.csv").write_text(f"path,title\n\n{song},a\n,\n")  # a blank line and an all-empty row
+    assert expand_inputs([str(tmp_path / "ok.csv")]) == [song.resolve()]
+    (tmp_path / "gap.csv").write_text(f"path,title\n{song},a\n,b\n")
+    with pytest.raises(ListFileError, match=r"gap.csv line 3: empty path"):
+        expand_inputs([str(tmp_path / "gap.csv")])
+    (tmp_path / "short.csv").write_text(f"title,path\na,{song}\nb\n")  # a row without the path column
+    with pytest.raises(ListFileError, match=r"short.csv line 3: empty path"):
+        expand_inputs([str(tmp_path / "short.csv")])
+    (tmp_path / "dir.txt").write_text("music\n")
+    with pytest.raises(ListFileError, match=r"dir.txt line 1: music is a folder"):
+        expand_inputs([str(tmp_path / "dir.txt")])
+    pq.write_table(pa.table({"path": [str(song), ""]}), tmp_path / "l.parquet")
+    with pytest.raises(ListFileError, match=r"l.parquet row 1: empty path"):
+        expand_inputs([str(tmp_path / "l.parquet")])
+
+
+def test_non_regular_inputs_are_refused_with_their_reason(tmp_path):
+    import os
+    fifo = tmp_path / "in" / "pipe.wav"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    song = _touch(tmp_path / "in" / "song.wav")
+    tracks = {t.track: t for t in assign_tracks(expand_inputs([str(tmp_path / "in")]))}
+    assert tracks["song"].error is None
+    assert "is a FIFO, not a regular file" in tracks["pipe"].error
+    (direct,) = assign_tracks(expand_inputs([str(fifo)]))  # named on the command line: the same row, never opened
+    assert direct.error == tracks["pipe"].error
+    (null,) = assign_tracks(expand_inputs(["/dev/null"]))
+    assert "character device" in null.error
