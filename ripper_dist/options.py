@@ -230,6 +230,16 @@ class SeparateOptions:
                 raise ValueError(f"{option}: {model} has no {', '.join(unknown)} (it has "
                                  f"{', '.join(info['sources'])})")
 
+    def check_model_names(self) -> None:
+        """A plain `-n` name without --repo/--checkpoint must be a released model (checked before OUT is created;
+        not in `validate`, so options naming models of a repo can be built before the repo is given)."""
+        from .sources import RELEASED
+        for model in self.members if self.onnx is None and self.repo is None else ():
+            if Path(model).suffix != ".onnx" and model not in ROFORMER_FAMILIES and model not in RELEASED \
+                    and (self.checkpoint is None or self.is_ensemble):
+                raise ValueError(f"-n: unknown model {model!r}; released models: {', '.join(RELEASED)}; or give "
+                                 "--repo DIR, --checkpoint FILE.th or --onnx FILE.onnx")
+
     # -- derived ---------------------------------------------------------------------------------------------------
     @property
     def members(self) -> tuple[str, ...]:

@@ -106,6 +106,7 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         tracks = assign_tracks(expand_inputs(list(opts.inputs)))
         if not tracks:
             raise ValueError("no input files found")
+    opts.check_model_names()
     check_writable(opts.out)  # before any export or track: a read-only or full OUT is a setup error (exit 2)
     t0 = time.monotonic()
     if opts.is_ensemble:
