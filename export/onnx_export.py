@@ -84,6 +84,9 @@ def atomic_tmp_path(out_path: str | os.PathLike, suffix: str = ".onnx") -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp" + suffix, dir=out_path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: a cache on a shared disk must be readable by its users
     return Path(tmp)
 
 

@@ -33,6 +33,7 @@ import soundfile as sf
 import soxr
 
 from .chunking import MixStats
+from .encoders import FORMATS as _FORMATS
 
 __all__ = [
     "AudioError",
@@ -50,8 +51,8 @@ __all__ = [
 
 RESAMPLE_QUALITY = "VHQ"
 CLIP_MODES = ("rescale", "clamp", "tanh", "none")
-WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
-WRITE_SUBTYPES = {"wav": ("PCM_16", "PCM_24", "FLOAT"), "flac": ("PCM_16", "PCM_24")}
+WRITE_FORMATS = {n: f.container for n, f in _FORMATS.items()}
+WRITE_SUBTYPES = {n: f.subtypes for n, f in _FORMATS.items()}
 # libsndfile seeks these sample-accurately; anything else is decoded sequentially.
 _SEEKABLE_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF", "FLAC", "RAW", "NIST", "IRCAM", "SVX"}
 _LOSSY_SUBTYPES = {"VORBIS", "OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "ALAC_16", "ALAC_20",
@@ -343,7 +344,7 @@ def _prevent_clip_blockwise(x: np.ndarray, mode: str) -> np.ndarray:
 
 def _quantize(x: np.ndarray, subtype: str) -> np.ndarray:
     """Frames (n, C) float -> what soundfile writes, quantised as upstream's encoders."""
-    x = np.clip(x, -1.0, 1.0)
+    x = np.clip(x, -1.0, 1.0)  # lossy codecs take floats in [-1, 1]
     if subtype == "PCM_16":
         return (x * (2 ** 15 - 1)).astype(np.int16)
     if subtype == "PCM_24":
@@ -367,11 +368,12 @@ class StemWriter:
 
     def __init__(self, path: str | os.PathLike, *, in_rate: int, out_rate: int | None = None,
                  out_channels: int | None = None, frames: int | None = None, fmt: str = "wav",
-                 subtype: str = "PCM_16", clip: str = "rescale", quality: str = RESAMPLE_QUALITY):
+                 subtype: str | None = None, clip: str = "rescale", quality: str = RESAMPLE_QUALITY,
+                 bitrate: int | None = None):
         fmt = fmt.lower()
         if fmt not in WRITE_FORMATS:
             raise ValueError(f"unsupported output format {fmt!r}: use one of {sorted(WRITE_FORMATS)}")
-        subtype = subtype.upper()
+        subtype = (subtype or WRITE_SUBTYPES[fmt][0]).upper()
         if subtype not in WRITE_SUBTYPES[fmt]:
             raise ValueError(f"{fmt} cannot hold {subtype}: use one of {WRITE_SUBTYPES[fmt]}")
         clip = "none" if clip is None else clip.lower()
@@ -382,8 +384,9 @@ class StemWriter:
         self.out_rate = int(out_rate or in_rate)
         self.out_channels = out_channels
         self.frames = None if frames is None else int(frames)
-        self.fmt, self.subtype, self.clip, self.quality = fmt, subtype, clip, quality
+        self.fmt, self.subtype, self.clip, self.quality, self.bitrate = fmt, subtype, clip, quality, bitrate
         self.peak = 0.0
+        self.gain = 1.0  # applied by `rescale` (1 / divisor), known after close()
         self.written = 0  # frames at out_rate passed on so far
         self._resampler = None
         self._channels: int | None = None
@@ -417,14 +420,15 @@ class StemWriter:
 
     @property
     def container(self) -> str:
-        """The file format libsndfile writes: FLAC, WAV, or RF64 for a WAV too long for RIFF (see wav_container)."""
+        """The file format written: FLAC, MP3, OGG ..., WAV, or RF64 for a WAV too long for RIFF (see wav_container)."""
         if self.fmt != "wav":
             return WRITE_FORMATS[self.fmt]
         return wav_container(self.frames, self._channels or self.out_channels or 2, self.subtype)
 
-    def _open_soundfile(self) -> sf.SoundFile:
-        return sf.SoundFile(str(self._tmp), mode="w", samplerate=self.out_rate, channels=self._channels,
-                            format=self.container, subtype=self.subtype)
+    def _open_soundfile(self):
+        from .encoders import open_encoder
+        return open_encoder(self._tmp, self.fmt, self.subtype, self.out_rate, self._channels, self.bitrate,
+                            container=self.container)
 
     # -- streaming ----------------------------------------------------------------------------------------------------
     def write(self, block: np.ndarray) -> None:
@@ -483,14 +487,19 @@ class StemWriter:
 
     def _convert_rescaled(self) -> None:
         divisor = np.float32(max(1.01 * self.peak, 1.0))  # upstream: wav / max(1.01 * peak, 1)
+        self.gain = float(1 / divisor)
         step = 1 << 18
-        with open(self._raw, "rb") as src, self._open_soundfile() as dst:
-            while True:
-                buf = src.read(step * self._channels * 4)
-                if not buf:
-                    break
-                frames = np.frombuffer(buf, dtype="<f4").reshape(-1, self._channels)
-                dst.write(_quantize(frames / divisor if divisor != 1 else frames, self.subtype))
+        dst = self._open_soundfile()
+        try:
+            with open(self._raw, "rb") as src:
+                while True:
+                    buf = src.read(step * self._channels * 4)
+                    if not buf:
+                        break
+                    frames = np.frombuffer(buf, dtype="<f4").reshape(-1, self._channels)
+                    dst.write(_quantize(frames / divisor if divisor != 1 else frames, self.subtype))
+        finally:
+            dst.close()
 
     def abort(self) -> None:
         """Drop everything written so far (no file appears at `path`)."""
@@ -514,9 +523,9 @@ class StemWriter:
 
 def write_stem(path: str | os.PathLike, audio: np.ndarray, *, in_rate: int, out_rate: int | None = None,
                out_channels: int | None = None, frames: int | None = None, fmt: str = "wav",
-               subtype: str = "PCM_16", clip: str = "rescale") -> Path:
+               subtype: str | None = None, clip: str = "rescale", bitrate: int | None = None) -> Path:
     """Write a whole (C, n) stem at once (same processing as `StemWriter`)."""
     with StemWriter(path, in_rate=in_rate, out_rate=out_rate, out_channels=out_channels, frames=frames, fmt=fmt,
-                    subtype=subtype, clip=clip) as w:
+                    subtype=subtype, clip=clip, bitrate=bitrate) as w:
         w.write(audio)
     return w.path

@@ -1,8 +1,9 @@
-"""`ripper-dist` command line: `models`, `export`, `separate`.
+"""`ripper-dist` command line: `models`, `export`, `doctor`, `separate`, `evaluate`, `report`.
 
-Flags follow `demucs` (`-n/--name`, `--repo`, `--shifts`, `--overlap`, `--segment`, `--two-stems`, `--int24`,
-`--float32`, `--flac`, `--clip-mode`, `-d/--device`, `-o/--out`) with audio-separator-style long forms (`--model`,
-`--checkpoint`, `--config`, `--format`, `--subtype`, `--stems`).
+Flags follow `demucs` (`-n/--name`, `--repo`, `--shifts`, `--overlap`, `--segment`, `--two-stems`, `--other-method`,
+`--int24`, `--float32`, `--flac`, `--mp3`, `--mp3-bitrate`, `--filename`, `--clip-mode`, `-d/--device`, `-o/--out`,
+`-j/--jobs`) with audio-separator-style long forms (`--model`, `--checkpoint`, `--config`, `--format`, `--subtype`,
+`--stems`, `--sample-rate`). Every option is checked before a model is loaded: a mistake is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .encoders import FORMATS
+from .stem_sink import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
     from .options import SeparateOptions
@@ -36,6 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="released Demucs model (htdemucs, htdemucs_ft, htdemucs_6s), a bag/signature in --repo, or "
                         "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs); "
                         "several, comma-separated, for an ensemble (--ensemble)")
+    g.add_argument("--onnx", type=Path, metavar="FILE.onnx",
+                   help="an exported graph (from `ripper-dist export -o DIR`): separates without the checkpoint or "
+                        "torch; its metadata carries the stems, rate and configuration")
     g.add_argument("--repo", type=Path, help="local Demucs repo: NAME.yaml bags and <sig>[-<sha8>].th files")
     g.add_argument("--checkpoint", type=Path, help="a single checkpoint: Demucs .th, or a RoFormer .ckpt/.pth")
     g.add_argument("--config", type=Path, help="RoFormer YAML config shipped with the checkpoint")
@@ -64,19 +70,31 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
                    help="chunks per ONNX Runtime run, or auto (default): 1 on the CPU; on a GPU as many as its free "
                         "memory holds (measured, at most 16), halved if a batch fails to allocate")
     g.add_argument("--stems", help="comma-separated stems to keep (default: all)")
-    g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (mix minus STEM)")
+    g.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM (see --other-method)")
+    g.add_argument("--other-method", choices=["add", "minus", "none"],
+                   help="with --two-stems: no_STEM as the sum of the other sources (add, default), as the mix minus "
+                        "STEM (minus), or not written (none); as demucs")
     g.add_argument("--then", action="append", metavar="STEM=MODEL",
                    help="chain: split the STEM this model wrote with MODEL (a Demucs name, or a bag in --then-repo); "
-                        "stems land in OUT/STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... --then other=htdemucs")
+                        "stems land in OUT/<model>.STEM.MODEL/<track>/, e.g. -n mel_band_roformer ... "
+                        "--then other=htdemucs")
     g.add_argument("--then-repo", type=Path, help="local Demucs repo for the --then models")
     g.add_argument("--ensemble", default="avg_wave", metavar="ALGO",
                    help="with -n a,b (models with the same stems and rate): avg_wave (default), median_wave, "
                         "min_wave, max_wave, avg_fft, median_fft, min_fft or max_fft")
     g.add_argument("--ensemble-weights", metavar="W1,W2", help="weights of the -n models for avg_wave/avg_fft")
     g = p.add_argument_group("output")
-    g.add_argument("--format", choices=["wav", "flac"], default="wav")
+    g.add_argument("--filename", default=DEFAULT_TEMPLATE,
+                   help="stem path inside OUT, with {track} (input name), {trackext} (its extension), {stem}, "
+                        "{ext} and {model} (default: %(default)s, as demucs)")
+    g.add_argument("--format", choices=list(FORMATS), default="wav",
+                   help="wav (default), flac, mp3, ogg (Vorbis), opus (48 kHz) or m4a (AAC, needs PyAV)")
     g.add_argument("--flac", action="store_const", const="flac", dest="format", help="same as --format flac")
-    g.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16")
+    g.add_argument("--mp3", action="store_const", const="mp3", dest="format", help="same as --format mp3")
+    g.add_argument("--bitrate", "--mp3-bitrate", type=int, metavar="KBPS", dest="bitrate",
+                   help="mp3/m4a bitrate in kbps (default 320)")
+    g.add_argument("--sample-rate", type=int, metavar="HZ", help="output sample rate (default: the input's)")
+    g.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], help="wav/flac sample format (default PCM_16)")
     g.add_argument("--int24", action="store_const", const="PCM_24", dest="subtype", help="same as --subtype PCM_24")
     g.add_argument("--float32", action="store_const", const="FLOAT", dest="subtype", help="same as --subtype FLOAT")
     g.add_argument("--clip-mode", choices=["rescale", "clamp", "none"], default="rescale",
@@ -86,13 +104,16 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=["auto", "ort", "openvino"], default="auto",
                    help="CPU runtime for the ONNX graph: ONNX Runtime, OpenVINO (if installed), or auto (default): "
                         "measured once per machine and model, OpenVINO only when >= 10%% faster")
-    g.add_argument("-j", "--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    g.add_argument("-j", "--jobs", type=int, dest="actors", metavar="N",
+                   help="parallel workers, as demucs' -j: N ONNX Runtime actors sharing the cores (implies the Ray "
+                        "engine; default: one per GPU, or cores / threads)")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: all cores for one)")
     g.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
                    help="ray (an embedded local Ray, or the cluster at --address), local (one process), or auto "
                         "(default): ray, except for a single track without --address, where Ray's start-up costs "
                         "more than it gains")
     g.add_argument("--address", help="Ray cluster address (e.g. auto inside `ray job submit`, or ray://head:10001)")
-    g.add_argument("--actors", type=int, help="ONNX Runtime actors (default: one per GPU, or cores / threads)")
+    g.add_argument("--actors", type=int, dest="actors", help=argparse.SUPPRESS)  # the older name of -j/--jobs
     g.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     g.add_argument("--no-shared-fs", dest="shared_fs", action="store_false",
                    help="the cluster's nodes cannot see INPUT and OUT (no NFS): this node reads the inputs and writes "
@@ -107,26 +128,50 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--evaluate", type=Path, metavar="REF_DIR",
                    help="then score the stems against references (MUSDB18-HQ or <track>/<stem>.wav) into "
                         "OUT/evaluation.parquet (as `ripper-dist evaluate`)")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log what happens, Ray's own logging included (else in OUT/.ripper-dist/ray.log)")
+
+
+EXAMPLES = """examples:
+  ripper-dist separate song.mp3 -o separated                    # separated/htdemucs/song/{drums,bass,other,vocals}.wav
+  ripper-dist separate album/ -n htdemucs_ft --two-stems vocals --mp3 --mp3-bitrate 256
+  ripper-dist separate list.txt -n htdemucs_6s --flac --int24 --filename "{track}-{stem}.{ext}"
+  ripper-dist separate song.wav --repo demo/models -n demo      # a local Demucs repo (NAME.yaml + .th files)
+  ripper-dist separate song.wav -n mel_band_roformer --config kj.yaml --checkpoint kj.ckpt
+  ripper-dist export -n htdemucs -o graphs/ && ripper-dist separate song.wav --onnx graphs/htdemucs.onnx
+  ripper-dist separate album/ -n htdemucs,htdemucs_ft --ensemble avg_wave   # one ensemble row per track
+  ripper-dist separate mixes/ --evaluate refs/ -o out           # then score against refs/<track>/<stem>.wav
+  ripper-dist report out                                        # out/report/index.html: spectrograms, players, scores
+  ripper-dist models                                            # released models and cached exports
+  ripper-dist doctor                                            # which devices (CPU, CUDA, TensorRT) start here
+
+metadata.parquet in OUT has one row per (model, input); rerun a command to resume it.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ripper-dist", description=__doc__.splitlines()[0])
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="ripper-dist", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"ripper-dist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,export,doctor,separate,evaluate,report}")
 
-    sub.add_parser("models", help="list released models and cached exports")
+    sub.add_parser("models", help="list released models and cached exports (name, family, stems, size, origin)")
 
-    p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)")
+    p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)",
+                       epilog="example: ripper-dist export -n htdemucs -o graphs/   # then separate --onnx "
+                              "graphs/htdemucs.onnx", formatter_class=fmt)
     _add_model_args(p)
-    p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder")
+    p.add_argument("-o", "--out", type=Path, help="also copy the graph(s) into this folder as <model>.onnx")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
 
     p = sub.add_parser("doctor", help="execution providers that start here (and why not), GPUs seen by NVML and "
                                       "Ray, CPU backends")
     p.add_argument("-d", "--device", help="exit 1 unless this device (cpu, cuda, tensorrt) starts")
     p.add_argument("--address", help="also count the GPUs of this Ray cluster")
 
-    p = sub.add_parser("separate", help="separate tracks into stems")
+    p = sub.add_parser("separate", help="separate tracks into stems", epilog=EXAMPLES, formatter_class=fmt)
     _add_separate_args(p)
 
     p = sub.add_parser("evaluate", help="score separated stems against reference stems (BSS Eval v4, SDR, SI-SDR)")
@@ -144,21 +189,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _released_by_file() -> dict[str, str]:
+    from .sources import RELEASED
+    return {f: name for name, (files, _, _) in RELEASED.items() for f in files}
+
+
 def cmd_models(args) -> int:
+    """Released models (what they separate, published SDR, cached or not), the RoFormer families, then the cached
+    exports by model name with family, stems, size, parity and origin."""
     from .export_cache import onnx_root
-    from .sources import DESCRIPTIONS, RELEASED, cache_dir
-    print("Released Demucs models (downloaded and verified on first use):")
+    from .onnx_model import read_info
+    from .sources import DESCRIPTIONS, RELEASED, RELEASED_INFO, cache_dir
+    print("Released Demucs models (downloaded and sha256-verified on first use; SDR: MUSDB18-HQ test, upstream's):")
     for name, (files, _, _) in RELEASED.items():
         have = all((cache_dir() / "checkpoints" / f).exists() for f in files)
-        print(f"  {name:<14} {'[cached] ' if have else ''}{DESCRIPTIONS[name]}")
-    print("RoFormer families (bring your checkpoint and its YAML config):")
-    print("  mel_band_roformer  Mel-Band RoFormer, e.g. the community vocals model")
+        sdr = RELEASED_INFO[name]["sdr_db"]
+        print(f"  {name:<14} {'[downloaded] ' if have else ''}{DESCRIPTIONS[name]}; "
+              f"SDR {f'{sdr:.2f} dB' if sdr else 'not published'}")
+    print("RoFormer families (bring the checkpoint and its YAML config: -n FAMILY --config C.yaml --checkpoint M.ckpt):")
+    print("  mel_band_roformer  Mel-Band RoFormer, e.g. the community vocals model (~11 dB vocals SDR, multisong)")
     print("  bs_roformer        BS-RoFormer (explicit freqs_per_bands)")
     root = onnx_root()
     graphs = sorted(root.rglob("*.onnx")) if root.exists() else []
-    print(f"Cached ONNX exports in {root}: {len(graphs)}")
+    print(f"Exported graphs cached in {root}: {len(graphs)}")
+    released = _released_by_file()
     for g in graphs:
-        print(f"  {g.relative_to(root)}")
+        try:
+            info = read_info(g)
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is listed, not fatal
+            print(f"  {g.relative_to(root)}: unreadable ({type(e).__name__})")
+            continue
+        meta = info.raw
+        ckpt = meta.get("ripper.checkpoint_name", "")
+        name = released.get(ckpt) or Path(ckpt).stem or g.parent.name
+        origin = f"released {ckpt}" if ckpt in released else f"checkpoint {ckpt}" if ckpt else "unknown checkpoint"
+        precision = meta.get("ripper.precision", "fp32")
+        parity = meta.get("ripper.parity_sdr_db")
+        print(f"  {name:<14} {info.family:<17} {','.join(info.sources):<32} {g.stat().st_size / 1e6:7.1f} MB "
+              f"{precision}  {f'parity {float(parity):.1f} dB' if parity else ''}  from {origin}  "
+              f"({g.relative_to(root)})")
     return 0
 
 
@@ -168,7 +237,8 @@ def cmd_export(args) -> int:
     from .models import export_model
     from .onnx_model import read_info
     exported = export_model(args)
-    for p in exported.onnx_paths:
+    bag = len(exported.onnx_paths) > 1
+    for k, p in enumerate(exported.onnx_paths):
         meta = read_info(p).raw
         checks = [f"{meta['ripper.parity_sdr_db']} dB from upstream torch"] if "ripper.parity_sdr_db" in meta else []
         if "ripper.fp16_sdr_db" in meta:
@@ -182,9 +252,12 @@ def cmd_export(args) -> int:
         print(p, f"({'; '.join(checks)})" if checks else "")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            dest = args.out / f"{exported.name}-{p.parent.name}{p.stem.removeprefix('model')}.onnx"
+            suffix = "-fp16" if meta.get("ripper.precision") == "fp16" else ""
+            dest = args.out / f"{exported.name}{f'-{k}' if bag else ''}{suffix}.onnx"
             shutil.copyfile(p, dest)
-            print(f"  -> {dest}")
+            print(f"  -> {dest}" + ("" if bag else f"   (ripper-dist separate INPUT --onnx {dest})"))
+    if args.out and bag:
+        print("a bag: each graph is one of its models; separate the bag with -n/--repo (the cache makes it free)")
     return 0
 
 
@@ -192,11 +265,13 @@ def separate_options(args) -> "SeparateOptions":
     """The parsed command line as the one options object the runtime takes (validated on construction)."""
     from .options import SeparateOptions, parse_then
     return SeparateOptions(
-        inputs=tuple(args.inputs), out=args.out, model=args.model, repo=args.repo, checkpoint=args.checkpoint,
-        config=args.config, precision=args.precision, explain=args.explain, shifts=args.shifts, seed=args.seed,
-        overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap, batch_size=args.batch_size, stems=args.stems,
-        two_stems=args.two_stems, format=args.format, subtype=args.subtype, clip_mode=args.clip_mode,
-        device=args.device, backend=args.backend, threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
+        inputs=tuple(args.inputs), out=args.out, model=args.model, onnx=args.onnx, repo=args.repo,
+        checkpoint=args.checkpoint, config=args.config, precision=args.precision, explain=args.explain,
+        shifts=args.shifts, seed=args.seed, overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap,
+        batch_size=args.batch_size, stems=args.stems, two_stems=args.two_stems, other_method=args.other_method,
+        format=args.format, subtype=args.subtype, clip_mode=args.clip_mode, bitrate=args.bitrate,
+        sample_rate=args.sample_rate, filename=args.filename, device=args.device, backend=args.backend,
+        threads=args.threads, engine=args.engine, address=args.address, actors=args.actors,
         num_cpus=args.num_cpus, shared_fs=args.shared_fs, track_timeout=args.track_timeout,
         chunk_timeout=args.chunk_timeout, force=args.force, progress=not args.no_progress,
         verbose=args.verbose, then=parse_then(args.then), then_repo=args.then_repo, ensemble=args.ensemble,

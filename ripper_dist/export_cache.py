@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,22 @@ class ExportedModel:
     family: str
     onnx_paths: tuple[Path, ...]
     weights: list[list[float]] | None
+
+
+class ExportUnavailable(RuntimeError):
+    """The export side (torch) is not installed and the graph is not cached."""
+
+
+def _export_side(what: str):
+    """Import `ripper_export.<what>`; without torch, one line that says what to install (or how to do without)."""
+    import importlib
+    try:
+        return importlib.import_module(f"ripper_export.{what}")
+    except ImportError as e:
+        raise ExportUnavailable(
+            f"exporting this checkpoint to ONNX (first use) needs {e.name or 'torch'}, which is not installed: "
+            "pip install 'ripper-dist[export]' (or torch>=2.1 and demucs), or separate with an exported graph: "
+            "--onnx FILE.onnx (from `ripper-dist export -o DIR` on a machine with torch)") from None
 
 
 VERIFY_SUFFIX = ".verify.json"
@@ -153,19 +170,28 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
     out = (out_root or onnx_root()) / "htdemucs" / _key(sha, options) / "model.onnx"
 
     def make(out: Path) -> None:
-        print(f"exporting {checkpoint.name} to ONNX (first use; checked against upstream, then cached in "
-              f"{out.parent})", file=sys.stderr)
-        from ripper_export.onnx_export import export_demucs
-        from ripper_export.safe_load import build_demucs_model, load_demucs_package
-
-        model = build_demucs_model(load_demucs_package(checkpoint))
+        export_demucs = _export_side("onnx_export").export_demucs
+        safe_load = _export_side("safe_load")
+        print(f"exporting {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.0f} MB) to ONNX: first use only, "
+              f"cached in {out.parent}. Tracing, then a parity check against upstream torch; a released-size model "
+              "takes about 1-3 minutes on a few cores", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        model = safe_load.build_demucs_model(safe_load.load_demucs_package(checkpoint))
         if segment is not None and segment <= float(model.segment):
             model.segment = segment  # upstream BagOfModels rule for HTDemucs
         export_demucs(model, out, opset=opset, explain=explain, metadata={
             "ripper.checkpoint_sha256": sha, "ripper.checkpoint_name": checkpoint.name,
             "ripper.export_options": json.dumps(options, sort_keys=True)}, progress=sys.stderr)
+        _report_export(out, t0)
 
     return cached_graph(out, make)
+
+
+def _report_export(path: Path, t0: float) -> None:
+    from .onnx_model import read_info
+    parity = read_info(path).raw.get("ripper.parity_sdr_db")
+    print(f"  exported in {time.monotonic() - t0:.0f} s" + (f", {float(parity):.1f} dB from upstream" if parity else ""),
+          file=sys.stderr, flush=True)
 
 
 def export_demucs_source(source: DemucsSource, *, opset: int = DEFAULT_OPSET, out_root: Path | None = None,
@@ -187,10 +213,12 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"
 
     def make(out: Path) -> None:
-        print(f"exporting {checkpoint.name} to ONNX (first use; checked against the reference, then cached in "
-              f"{out.parent})", file=sys.stderr)
-        from ripper_export.roformer import RoformerKeyError
-        from ripper_export.roformer_export import export_roformer as _export
+        RoformerKeyError = _export_side("roformer").RoformerKeyError
+        _export = _export_side("roformer_export").export_roformer
+        print(f"exporting {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.0f} MB) to ONNX: first use only, "
+              f"cached in {out.parent}. Tracing, then a check against the reference; a vocals-size RoFormer takes "
+              "several minutes on a few cores", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
         try:
             import bs_roformer  # noqa: F401  (the reference; a test dependency)
             check_reference = True
@@ -204,6 +232,7 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
                               "ripper.export_options": json.dumps(options, sort_keys=True)})
         except RoformerKeyError as e:  # a checkpoint that does not fit the config: the user's to fix
             raise ValueError(f"{checkpoint}: {e}") from None
+        _report_export(out, t0)
 
     cached_graph(out, make)
     return ExportedModel(checkpoint.stem, family, (out,), None)

@@ -24,13 +24,20 @@ Emit = Callable[[np.ndarray], None]  # (stems, channels, n) model-rate samples o
 DEMUCS_OVERLAP = 0.25
 
 
-def select_stems(sources: Sequence[str], stems: Sequence[str] | None, two_stems: str | None) -> dict[str, list[int]]:
-    """Output stem name -> indices of the model outputs summed into it (`--stems`, `--two-stems X` = X + no_X)."""
+def select_stems(sources: Sequence[str], stems: Sequence[str] | None, two_stems: str | None,
+                 other_method: str | None = None) -> dict[str, list[int]]:
+    """Output stem name -> indices of the model outputs summed into it (`--stems`, `--two-stems X` = X + no_X;
+    `--other-method none` drops no_X; with `minus`, no_X maps to X's index and is written as mix - X, see
+    `minus_stems`)."""
     sources = list(sources)
     if two_stems:
         if two_stems not in sources:
             raise ValueError(f"--two-stems {two_stems!r}: the model has {sources}")
         i = sources.index(two_stems)
+        if other_method == "none":
+            return {two_stems: [i]}
+        if other_method == "minus":
+            return {two_stems: [i], f"no_{two_stems}": [i]}
         return {two_stems: [i], f"no_{two_stems}": [j for j in range(len(sources)) if j != i]}
     if not stems:
         return {s: [i] for i, s in enumerate(sources)}
@@ -46,9 +53,19 @@ def needed_models(weights: Sequence[Sequence[float]], stem_map: dict[str, list[i
     return {m for m, row in enumerate(weights) if any(row[i] != 0 for i in idx)}
 
 
-def combine(block: np.ndarray, stem_map: dict[str, list[int]]) -> np.ndarray:
-    """(outputs, C, n) -> (selected stems, C, n): each stem is its output or the sum of several (no_X)."""
-    return np.stack([block[idx[0]] if len(idx) == 1 else block[idx].sum(axis=0) for idx in stem_map.values()])
+def minus_stems(opts: SeparateOptions) -> frozenset[str]:
+    """Stems written as the mix minus their outputs (`--two-stems X --other-method minus`: no_X = mix - X)."""
+    return frozenset({f"no_{opts.two_stems}"} if opts.two_stems and opts.other_method == "minus" else ())
+
+
+def combine(block: np.ndarray, stem_map: dict[str, list[int]], minus: frozenset[str] = frozenset(),
+            mix: np.ndarray | None = None) -> np.ndarray:
+    """(outputs, C, n) -> (selected stems, C, n): each stem is its output or the sum of several (no_X), or for a
+    stem in `minus`, `mix` (C, n, the model-rate input on the same samples) minus its output."""
+    def one(name, idx):
+        x = block[idx[0]] if len(idx) == 1 else block[idx].sum(axis=0)
+        return mix - x if name in minus else x
+    return np.stack([one(name, idx) for name, idx in stem_map.items()])
 
 
 def split_points(intervals: Sequence[tuple[int, int]], length: int, n_spans: int) -> list[tuple[int, int]]:
@@ -129,13 +146,14 @@ class DemucsFamily(Family):
         self.sample_rate, self.channels = self.planner.sample_rate, self.planner.channels
         self.outputs = list(self.planner.sources)
         self.explain = explain
-        if explain == "branches":
-            n = len(self.outputs) // 3
-            main = select_stems(self.outputs[:n], opts.stems, opts.two_stems)
-            self.stem_map = main | {f"{s}.{branch}": [i + k * n for i in idx]
-                                    for k, branch in ((1, "time"), (2, "spec")) for s, idx in main.items()}
-        else:
-            self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)
+        self.minus = minus_stems(opts)
+        n = len(self.outputs) // 3 if explain == "branches" else len(self.outputs)
+        main = select_stems(self.outputs[:n], opts.stems, opts.two_stems, opts.other_method)
+        # --explain: each stem's time- and spectral-branch terms (a `minus` stem is the mix minus a model output,
+        # which no branch term describes, so it has none)
+        self.stem_map = main if explain != "branches" else main | {
+            f"{s}.{branch}": [i + k * n for i in idx]
+            for k, branch in ((1, "time"), (2, "spec")) for s, idx in main.items() if s not in self.minus}
         # the mix mean that un-normalising adds to every output: the spectral terms give it back, so that the two
         # branch files sum to the stem
         self._spec_rows = [k for k, s in enumerate(self.stem_map) if explain and s.endswith(".spec")]
@@ -157,7 +175,7 @@ class DemucsFamily(Family):
 
     def resume_options(self) -> dict:
         return {"shifts": self.shifts, "seed": self.seed if self.shifts else None, "overlap": self.overlap,
-                "segment_samples": self.segment_samples, "stems": self.stem_map}
+                "segment_samples": self.segment_samples, "stems": self.stem_map, "minus": sorted(self.minus)}
 
     def tasks(self, length: int):
         tasks = self.planner.plan(length, shifts=self.shifts, overlap=self.overlap, seed=self.seed,
@@ -179,27 +197,28 @@ class DemucsFamily(Family):
                          weights=self.planner.weights, stats=stats, span=span)
         if hasattr(reader, "history"):  # reads come in track order per sub-model batch
             reader.history = max(reader.history, (batch_size + 2) * max(self.planner.chunk_samples))
-
+        pos = span[0]
         mean = np.float32(stats.total / max(stats.count, 1))
 
-        def out(block) -> None:
-            stems = combine(block, self.stem_map)
-            if self._spec_rows:
-                stems[self._spec_rows] -= mean
-            emit(stems)
+        def flush(block: np.ndarray) -> None:
+            nonlocal pos
+            n = block.shape[-1]
+            if n:
+                mix = reader.read(pos, pos + n) if self.minus else None
+                pos += n
+                stems = combine(block, self.stem_map, self.minus, mix)
+                if self._spec_rows:
+                    stems[self._spec_rows] -= mean
+                emit(stems)
 
         def consume(batch_tasks, outputs) -> None:
             for t, o in zip(batch_tasks, outputs):
                 acc.add(t, o)
-            block = acc.pop_ready()
-            if block.shape[-1]:
-                out(block)
+            flush(acc.pop_ready())
 
         run_tasks(runners, acc.tasks, lambda t, n: read_window(reader, t, n, stats=stats), batch_size, consume,
                   n_sources=len(self.outputs), channels=self.channels)
-        block = acc.finish()
-        if block.shape[-1]:
-            out(block)
+        flush(acc.finish())
 
 
 class MsstFamily(Family):
@@ -221,7 +240,8 @@ class MsstFamily(Family):
         self.instruments, self.target = bundle.instruments, bundle.target_instrument
         self.n_model = len(model_sources(self.instruments, self.target))
         self.outputs = output_stems(self.instruments, self.target)
-        self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems)
+        self.stem_map = select_stems(self.outputs, opts.stems, opts.two_stems, opts.other_method)
+        self.minus = minus_stems(opts)
         self.models = {0}
         self._plan = None
         # --explain: per-band masks (graph output `band_masks`), written beside the stems as STEM.masks.npy
@@ -231,7 +251,7 @@ class MsstFamily(Family):
             raise ValueError(f"{bundle.name}: an explanation graph without its STFT hop (ripper.stft)")
 
     def resume_options(self) -> dict:
-        return {"num_overlap": self.num_overlap, "stems": self.stem_map}
+        return {"num_overlap": self.num_overlap, "stems": self.stem_map, "minus": sorted(self.minus)}
 
     def plan(self, length: int):
         from .msst_chunking import plan_chunks
@@ -263,10 +283,11 @@ class MsstFamily(Family):
             n = block.shape[-1]
             if not n:
                 return
+            mix = reader.read(pos, pos + n) if complement or self.minus else None
             if complement:  # mix minus target, on the same samples
-                block = np.concatenate([block, reader.read(pos, pos + n)[None] - block[:1]], axis=0)
+                block = np.concatenate([block, mix[None] - block[:1]], axis=0)
             pos += n
-            emit(combine(block, self.stem_map))
+            emit(combine(block, self.stem_map, self.minus, mix))
 
         chunks = acc.chunks
         masks = _MaskGrid(length, self.hop, plan.pad) if self.explain == "band_masks" else None

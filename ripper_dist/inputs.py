@@ -86,9 +86,9 @@ def _from_list(path: Path) -> list[Path]:
     return [_entry(base, path, f"row {n}", x) for n, x in enumerate(table.column(col).to_pylist())]
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, ignored: dict[str, int] | None = None) -> list[Path]:
     """Audio files under `folder` (symlinked folders are not followed); a folder that cannot be listed is returned
-    itself, so it gets a failed row instead of vanishing."""
+    itself, so it gets a failed row instead of vanishing. ignored: counts the extensions of the other files."""
     out, unreadable = [], []
     for root, dirs, files in os.walk(folder, onerror=lambda e: unreadable.append(Path(e.filename))):
         dirs.sort()
@@ -96,17 +96,31 @@ def _walk(folder: Path) -> list[Path]:
             f = Path(root) / name
             if f.suffix.lower() in AUDIO_EXTENSIONS and (f.is_file() or input_problem(f) is not None):
                 out.append(f)
+            elif ignored is not None and not name.startswith("."):
+                ext = f.suffix.lower() or "(no extension)"
+                ignored[ext] = ignored.get(ext, 0) + 1
     return sorted(out) + unreadable
+
+
+def _check_readable(path: Path) -> None:
+    import soundfile as sf
+    try:
+        sf.info(str(path))
+    except Exception:  # noqa: BLE001 - libsndfile says little more than "unknown format"
+        raise ValueError(f"input {path}: {path.suffix or 'this'} files are not readable here (readable: "
+                         f"{' '.join(sorted(AUDIO_EXTENSIONS))}); convert it, e.g. ffmpeg -i {path.name} "
+                         f"{path.stem}.flac") from None
 
 
 def expand_inputs(specs: list[str]) -> list[Path]:
     """Every audio file named by `specs`. A missing path given directly is an error (a typo should fail in a second,
     before any model is loaded); a missing entry of a list file is kept, so it gets its own failed row."""
     out: list[Path] = []
+    ignored: dict[str, int] = {}  # extensions of the files folders held that are not audio we read
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            out += _walk(p)
+            out += _walk(p, ignored)
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             out += _from_list(p)
         elif not p.exists() and any(ch in spec for ch in "*?["):
@@ -114,7 +128,13 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         elif not p.exists():
             raise FileNotFoundError(f"input {spec}: no such file or folder")
         else:
+            if p.is_file() and p.suffix.lower() not in AUDIO_EXTENSIONS:  # named on the command line: read it now
+                _check_readable(p)
             out.append(p)
+    if not out and ignored:
+        found = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+        raise ValueError(f"no supported audio in {', '.join(specs)}: found {found}; readable: "
+                         f"{' '.join(sorted(AUDIO_EXTENSIONS))} (convert others, e.g. ffmpeg -i in.m4a out.flac)")
     seen, unique = set(), []
     for p in out:
         key = str(p.resolve()) if p.exists() else str(p.absolute())

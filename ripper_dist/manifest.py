@@ -1,4 +1,7 @@
-"""`OUT/metadata.parquet`: one row per input, written as tracks finish, so a crash loses nothing that was done.
+"""`OUT/metadata.parquet`: one row per (model, input), written as tracks finish, so a crash loses nothing that was done.
+
+One file per output root: several models separating into one folder each keep their own rows (and their own stem
+folders, `stem_sink.StemLayout`), so nothing of one model's is overwritten by another's.
 
 Each finished track is first appended to a journal (`OUT/.ripper-dist/rows.jsonl`), then the rows are compacted into
 `OUT/metadata.parquet` (written atomically). Appending is O(1) per track however large the archive; the compacted file
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,7 +44,39 @@ SCHEMA = pa.schema([
     ("worker", pa.string()),
     ("engine", pa.string()),          # local | ray
     ("backend", pa.string()),         # runtime that ran the graph: ort | openvino (cpu_backend)
+    # what was asked, readable (the options_key above is their hash plus the model's identity)
+    ("ripper_dist_version", pa.string()),
+    ("checkpoint_sha256", pa.list_(pa.string())),  # one per (sub-)model of the bag
+    ("parity_sdr_db", pa.float64()),  # the export's agreement with upstream torch (worst sub-model); None: unchecked
+    ("precision", pa.string()),
+    ("device", pa.string()),
+    ("shifts", pa.int32()),
+    ("overlap", pa.float64()),
+    ("segment_s", pa.float64()),
+    ("num_overlap", pa.int32()),
+    ("stems", pa.list_(pa.string())),
+    ("two_stems", pa.string()),
+    ("other_method", pa.string()),
+    ("clip_mode", pa.string()),
+    ("bitrate_kbps", pa.int32()),
+    # what was written
+    ("out_sample_rate", pa.int32()),
+    ("out_channels", pa.int32()),
+    ("stem_peak_dbfs", pa.map_(pa.string(), pa.float64())),  # before clipping: > 0 means the stem would clip
+    ("stem_gain", pa.map_(pa.string(), pa.float64())),       # gain applied by --clip-mode rescale (1.0: none)
+    # timings: separate_s = elapsed_s, the track's wall time (first span started -> stems published); compute_s =
+    # summed model-run time of its spans (more than separate_s when spans ran in parallel); load_s = the job's model
+    # export/loading on the driver before any track started (the same in every row of a run)
+    ("separate_s", pa.float64()),
+    ("compute_s", pa.float64()),
+    ("load_s", pa.float64()),
 ])
+MAP_COLUMNS = ("stem_paths", "stem_peak_dbfs", "stem_gain")
+
+
+def row_key(row: dict) -> tuple[str, str]:
+    """Rows are keyed by (model, input): two models on one input are two rows."""
+    return (row.get("model") or "", row["input_path"])
 
 
 def _seconds(value) -> float:
@@ -53,8 +88,9 @@ def _seconds(value) -> float:
 
 def normalise_row(row: dict) -> dict:
     out = {f.name: row.get(f.name) for f in SCHEMA}
-    if isinstance(out["stem_paths"], dict):
-        out["stem_paths"] = list(out["stem_paths"].items())
+    for name in MAP_COLUMNS:
+        if isinstance(out[name], dict):
+            out[name] = list(out[name].items())
     for ts in ("started_at", "finished_at"):
         if isinstance(out[ts], (int, float)):
             out[ts] = int(out[ts] * 1000)
@@ -76,10 +112,11 @@ class RowContext:
     subtype: str
     options_key: str
     engine: str
+    common: dict = field(default_factory=dict)  # job-wide columns: version, checkpoints, options, load_s
 
     def base(self, input_path: str, track: str) -> dict:
         row = {"input_path": input_path, "track": track, "model": self.model, "format": self.fmt,
-               "subtype": self.subtype, "options_key": self.options_key, "engine": self.engine}
+               "subtype": self.subtype, "options_key": self.options_key, "engine": self.engine} | self.common
         try:
             st = os.stat(input_path)
             row["input_size"], row["input_mtime_ns"] = st.st_size, st.st_mtime_ns
@@ -93,20 +130,21 @@ class RowContext:
 
     def done(self, input_path: str, track: str, *, plan, paths: dict, started: float, finished: float,
              node: str, worker: str, **extra) -> dict:
-        """A finished track. elapsed_s is its wall span (first span started to stems published)."""
+        """A finished track. elapsed_s (= separate_s) is its wall span (first span started to stems published);
+        extra: compute_s and the stem sink's `row_fields` (out rate, channels, peaks, gains)."""
         elapsed = max(finished - started, 1e-9)
         return self.base(input_path, track) | {
             "status": "done", "error": None, "duration_s": plan.duration_s, "sample_rate": plan.in_rate,
             "channels": plan.in_channels, "stem_paths": {s: str(Path(p).relative_to(self.out_dir)) for s, p in paths.items()},
             "input_sha256": plan.input_sha256, "started_at": started, "finished_at": finished, "elapsed_s": elapsed,
-            "realtime_x": plan.duration_s / elapsed, "node": node, "worker": worker} | extra
+            "realtime_x": plan.duration_s / elapsed, "separate_s": elapsed, "node": node, "worker": worker} | extra
 
 
 JOURNAL = ".ripper-dist/rows.jsonl"
 
 
 class Manifest:
-    """Rows of one output folder, keyed by input path (the last row written for an input wins).
+    """Rows of one output folder, keyed by (model, input path) (the last row written for a key wins).
 
     A finished track is appended to a journal (one JSON line, flushed: a few microseconds, so recording stays a
     negligible share of the driver however many tracks arrive per second); `compact()` folds the journal into
@@ -126,11 +164,11 @@ class Manifest:
         self._journal_file = None
         self._rows: dict[str, dict] = self._load()
 
-    def _load(self) -> dict[str, dict]:
-        rows: dict[str, dict] = {}
+    def _load(self) -> dict[tuple[str, str], dict]:
+        rows: dict[tuple[str, str], dict] = {}
         if self.path.exists():
             for r in pq.read_table(self.path).to_pylist():
-                rows[r["input_path"]] = r
+                rows[row_key(r)] = r
         pending = []
         if self.legacy_rows.is_dir():
             for f in self.legacy_rows.glob("*.parquet"):
@@ -147,15 +185,19 @@ class Manifest:
                     continue
         pending.sort(key=lambda r: _seconds(r.get("finished_at")))
         for r in pending + journal:  # the journal is in the order rows were recorded
-            rows[r["input_path"]] = r
+            rows[row_key(r)] = r
         for r in rows.values():
-            if r.get("stem_paths") is not None and not isinstance(r["stem_paths"], dict):
-                r["stem_paths"] = dict(r["stem_paths"])
+            for name in MAP_COLUMNS:
+                if r.get(name) is not None and not isinstance(r[name], dict):
+                    r[name] = dict(r[name])
         return rows
 
     @property
-    def rows(self) -> dict[str, dict]:
+    def rows(self) -> dict[tuple[str, str], dict]:
         return self._rows
+
+    def rows_of(self, model: str) -> list[dict]:
+        return [r for (m, _), r in self._rows.items() if m == model]
 
     def record(self, row: dict) -> None:
         """Persist one finished (done or failed) track immediately."""
@@ -168,7 +210,7 @@ class Manifest:
                 self._journal_file.write("\n")  # end a line torn by a crash, so it does not swallow this row
         self._journal_file.write(json.dumps(row, default=str) + "\n")
         self._journal_file.flush()
-        self._rows[row["input_path"]] = row
+        self._rows[row_key(row)] = row
         since = time.monotonic() - self._last_compact
         if since > max(self.compact_every_s, 50 * self._compact_cost):
             self.compact()
@@ -176,7 +218,7 @@ class Manifest:
     def compact(self) -> None:
         """Rewrite metadata.parquet from all rows, then empty the journal (and drop row files of older versions)."""
         t0 = time.monotonic()
-        rows = sorted(self._rows.values(), key=lambda r: r["input_path"])
+        rows = [self._rows[k] for k in sorted(self._rows)]
         table = pa.Table.from_pylist([normalise_row(r) for r in rows], schema=SCHEMA)
         _atomic_write_table(table, self.path)
         if self._journal_file is not None:
@@ -188,13 +230,14 @@ class Manifest:
                 f.unlink(missing_ok=True)
         self._last_compact = time.monotonic()
         self._compact_cost = self._last_compact - t0
-    def is_done(self, input_path: str, opts_key: str, size: int, mtime_ns: int, sha256=None) -> bool:
-        """True when a previous run finished this input with the same options and its stems are all present.
+    def is_done(self, model: str, input_path: str, opts_key: str, size: int, mtime_ns: int, sha256=None) -> bool:
+        """True when a previous run of `model` finished this input with the same options and its stems are all
+        present.
 
         Size and mtime equal to the stored ones stand for an unchanged file; otherwise `sha256()` (a callable, so the
         hash is only computed when needed) must equal the stored input hash.
         """
-        r = self._rows.get(input_path)
+        r = self._rows.get((model, input_path))
         if not r or r["status"] != "done" or r["options_key"] != opts_key:
             return False
         if not all((self.out_dir / p).is_file() for p in (r["stem_paths"] or {}).values()):

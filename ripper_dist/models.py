@@ -20,10 +20,11 @@ def export_model(opts) -> ExportedModel:
     from .export_cache import with_precision
     args, precision = opts, opts.precision
     explain = bool(getattr(opts, "explain", False))
-    if Path(args.model).suffix == ".onnx":  # an exported graph (`ripper-dist export -o`): no checkpoint needed
-        path = Path(args.model)
+    onnx = getattr(args, "onnx", None) or (Path(args.model) if Path(args.model).suffix == ".onnx" else None)
+    if onnx is not None:  # an exported graph (`ripper-dist export -o`): no checkpoint, no torch needed
+        path = Path(onnx)
         if not path.is_file():
-            raise FileNotFoundError(f"-n {path}: no such ONNX file")
+            raise FileNotFoundError(f"--onnx {path}: no such ONNX file")
         if explain and "ripper.explain" not in read_info(path).raw:
             raise ValueError(f"--explain: {path} is not an explanation graph (export one with `ripper-dist export "
                              "--explain -o DIR`)")

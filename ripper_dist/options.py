@@ -14,9 +14,12 @@ from pathlib import Path
 
 from .audio import CLIP_MODES, WRITE_SUBTYPES
 from .device import canonical
+from .encoders import BITRATE_FORMATS, unavailable
+from .stem_sink import DEFAULT_TEMPLATE, check_template
 from .watchdog import DEFAULT_CHUNK_TIMEOUT_S, DEFAULT_TRACK_TIMEOUT_S, Limits
 
 ENGINES = ("auto", "ray", "local")
+OTHER_METHODS = ("add", "minus", "none")
 #: `--ensemble` algorithms (ripper_dist.ensemble), named as in audio-separator and MSST.
 ENSEMBLE_ALGORITHMS = ("avg_wave", "median_wave", "min_wave", "max_wave", "avg_fft", "median_fft", "min_fft",
                        "max_fft")
@@ -29,6 +32,7 @@ class SeparateOptions:
     out: Path = Path("separated")
     # model
     model: str = "htdemucs"
+    onnx: Path | None = None          # an exported graph (`ripper-dist export -o`): no checkpoint, no torch
     repo: Path | None = None
     checkpoint: Path | None = None
     config: Path | None = None
@@ -44,9 +48,14 @@ class SeparateOptions:
     # output
     stems: tuple[str, ...] | None = None
     two_stems: str | None = None
+    other_method: str | None = None   # --two-stems complement: add (sum of the other sources, default) | minus | none
     format: str = "wav"
-    subtype: str = "PCM_16"
+    subtype: str | None = None        # None: the format's default (PCM_16 for wav/flac)
     clip_mode: str = "rescale"
+    bitrate: int | None = None        # kbps, mp3/m4a (default 320)
+    sample_rate: int | None = None    # output rate (default: the input's)
+    filename: str = DEFAULT_TEMPLATE  # stem path inside OUT, with {track} {trackext} {stem} {ext} {model}
+    label: str | None = None          # the {model} of the layout and the manifest (default: the model's name)
     # placement
     device: str = "cpu"
     backend: str = "auto"  # CPU runtime: ort, openvino, or auto (measured once per machine and graph)
@@ -79,6 +88,10 @@ class SeparateOptions:
             set_("stems", tuple(self.stems) or None)
         set_("then", tuple(tuple(t) for t in self.then))
         set_("format", str(self.format).lower())
+        if self.onnx is not None:
+            set_("onnx", Path(self.onnx))
+        if self.format in WRITE_SUBTYPES and self.subtype is None:
+            set_("subtype", WRITE_SUBTYPES[self.format][0])
         set_("subtype", str(self.subtype).upper())
         set_("clip_mode", str(self.clip_mode).lower())
         set_("ensemble", str(self.ensemble).lower())
@@ -111,9 +124,24 @@ class SeparateOptions:
         if self.stems and self.two_stems:
             bad("--stems", "cannot be combined with --two-stems")
         if self.format not in WRITE_SUBTYPES:
-            bad("--format", f"{self.format!r}: use one of {sorted(WRITE_SUBTYPES)}")
+            bad("--format", f"{self.format!r}: use one of {list(WRITE_SUBTYPES)}")
+        if (why := unavailable(self.format)) is not None:
+            bad("--format", why)
         if self.subtype not in WRITE_SUBTYPES[self.format]:
             bad("--subtype", f"{self.format} cannot hold {self.subtype}: use one of {WRITE_SUBTYPES[self.format]}")
+        if self.bitrate is not None:
+            if self.format not in BITRATE_FORMATS:
+                bad("--bitrate", f"only for {' and '.join(BITRATE_FORMATS)} (--format {self.format} is not)")
+            if not 8 <= self.bitrate <= (320 if self.format == "mp3" else 512):
+                bad("--bitrate", f"{self.bitrate} kbps is out of range (8 to {320 if self.format == 'mp3' else 512})")
+        if self.sample_rate is not None and not 8000 <= self.sample_rate <= 384000:
+            bad("--sample-rate", f"{self.sample_rate} Hz is out of range (8000 to 384000)")
+        if self.other_method is not None:
+            if self.other_method not in OTHER_METHODS:
+                bad("--other-method", f"{self.other_method!r}: use one of {', '.join(OTHER_METHODS)}")
+            if not self.two_stems:
+                bad("--other-method", "only applies with --two-stems STEM")
+        check_template(self.filename)
         if self.clip_mode not in CLIP_MODES:
             bad("--clip-mode", f"{self.clip_mode!r}: use one of {CLIP_MODES}")
         try:
@@ -144,13 +172,32 @@ class SeparateOptions:
         members = self.members
         if not all(members):
             bad("-n", f"{self.model!r}: an empty model name")
-        for model in members:
-            if Path(model).suffix == ".onnx" and not Path(model).is_file():
-                bad("-n", f"{model}: no such ONNX file")
-            if model in ROFORMER_FAMILIES and (not self.config or not self.checkpoint):
-                bad("-n", f"{model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
-            if model in ROFORMER_FAMILIES:
+        if len(members) == 1 and Path(self.model).suffix == ".onnx" and self.onnx is None:
+            object.__setattr__(self, "onnx", Path(self.model))
+        if self.onnx is not None:
+            option = "--onnx" if Path(self.model).suffix != ".onnx" else "-n"
+            if len(members) > 1:
+                bad("--onnx", "one exported graph; for an ensemble list the .onnx files in -n a.onnx,b.onnx")
+            if self.onnx.suffix != ".onnx":
+                bad(option, f"{self.onnx}: not an .onnx file (export one with `ripper-dist export -o DIR`)")
+            if not self.onnx.is_file():
+                bad(option, f"{self.onnx}: no such ONNX file")
+            given = [o for o, v in (("--repo", self.repo), ("--checkpoint", self.checkpoint), ("--config", self.config))
+                     if v is not None]
+            if given:
+                bad(option, f"an exported graph carries its model: drop {', '.join(given)}")
+        for model in members if self.onnx is None else ():
+            if Path(model).suffix == ".onnx":
+                if not Path(model).is_file():
+                    bad("-n", f"{model}: no such ONNX file")
+            elif model in ROFORMER_FAMILIES:
+                if not self.config or not self.checkpoint:
+                    bad("-n", f"{model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
                 refuse_demucs_options(self, model)
+            elif self.repo is None and (self.checkpoint is None or len(members) > 1):
+                from .sources import RELEASED
+                if model in RELEASED:  # an unknown name fails when resolved (sources), still before any loading
+                    self._check_released(model)
         if sum(m in ROFORMER_FAMILIES for m in members) > 1:
             bad("-n", "one --config/--checkpoint pair serves one RoFormer: export the others "
                       "(`ripper-dist export ... -o DIR`) and list their .onnx files")
@@ -171,9 +218,38 @@ class SeparateOptions:
                 bad(option, f"{path} does not exist")
         if self.out.exists() and not self.out.is_dir():
             bad("-o", f"{self.out} exists and is not a folder")
+        existing = next((p for p in (self.out, *self.out.absolute().parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            bad("-o", f"{self.out}: {existing} is a file, not a folder")
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            bad("-o", f"{self.out}: {existing} is not writable")
         for stem, model in self.then:
             if not stem or not model:
                 bad("--then", "expected STEM=MODEL, e.g. other=htdemucs")
+
+    def _check_released(self, model: str) -> None:
+        """What can be checked against a released model's known shape before it is downloaded or exported."""
+        from .sources import released_info
+        info = released_info(model)
+        if self.segment is not None and self.segment > info["segment_s"]:
+            raise ValueError(f"--segment: {self.segment:g} s is longer than {model}'s {info['segment_s']:g} s "
+                             "(a Transformer model cannot use a longer segment than it was trained for)")
+        for option, wanted in (("--stems", self.stems or ()), ("--two-stems", (self.two_stems,) if self.two_stems
+                                                                else ())):
+            unknown = [s for s in wanted if s not in info["sources"]]
+            if unknown:
+                raise ValueError(f"{option}: {model} has no {', '.join(unknown)} (it has "
+                                 f"{', '.join(info['sources'])})")
+
+    def check_model_names(self) -> None:
+        """A plain `-n` name without --repo/--checkpoint must be a released model (checked before OUT is created;
+        not in `validate`, so options naming models of a repo can be built before the repo is given)."""
+        from .sources import RELEASED
+        for model in self.members if self.onnx is None and self.repo is None else ():
+            if Path(model).suffix != ".onnx" and model not in ROFORMER_FAMILIES and model not in RELEASED \
+                    and (self.checkpoint is None or self.is_ensemble):
+                raise ValueError(f"-n: unknown model {model!r}; released models: {', '.join(RELEASED)}; or give "
+                                 "--repo DIR, --checkpoint FILE.th or --onnx FILE.onnx")
 
     # -- derived ---------------------------------------------------------------------------------------------------
     @property
@@ -189,6 +265,26 @@ class SeparateOptions:
     def is_roformer(self) -> bool:
         return self.model in ROFORMER_FAMILIES
 
+    @property
+    def model_name(self) -> str:
+        """The model's name as the layout's {model} and the manifest's `model` column: known before it is loaded."""
+        if self.label:
+            return self.label
+        if self.onnx is not None:
+            return self.onnx.stem
+        names = [Path(m).stem if Path(m).suffix == ".onnx" else Path(self.checkpoint).stem
+                 if self.checkpoint is not None and (m in ROFORMER_FAMILIES or len(self.members) == 1) else m
+                 for m in self.members]
+        return "+".join(names)  # an ensemble: its members' names, as `EnsembleBundle.name`
+
+    def layout(self):
+        from .stem_sink import StemLayout
+        return StemLayout(self.out, self.model_name, self.format, self.filename)
+
+    def output(self):
+        from .stem_sink import StemOutput
+        return StemOutput(self.format, self.subtype, self.clip_mode, self.bitrate, self.sample_rate)
+
     def limits(self) -> Limits:
         return Limits(float(self.track_timeout), float(self.chunk_timeout))
 
@@ -196,11 +292,13 @@ class SeparateOptions:
         return self.address or os.environ.get("RAY_ADDRESS") or None
 
     def chained(self, stem: str, model: str) -> "SeparateOptions":
-        """The next `--then STEM=MODEL` stage: MODEL on STEM's files, into OUT/STEM.MODEL/<track>/."""
+        """The next `--then STEM=MODEL` stage: MODEL on STEM's files, in the same OUT as the model
+        `<this model>.<STEM>.<MODEL>` (default layout: OUT/<this model>.STEM.MODEL/<track>/)."""
+        template = self.filename if "{model}" in self.filename else "{model}/" + self.filename
         return dataclasses.replace(
-            self, model=model, checkpoint=None, config=None, repo=self.then_repo, stems=None, two_stems=None,
-            segment=None, num_overlap=None, overlap=None, then=(), out=self.out / f"{stem}.{model}",
-            ensemble_weights=None)
+            self, model=model, onnx=None, checkpoint=None, config=None, repo=self.then_repo, stems=None,
+            two_stems=None, other_method=None, segment=None, num_overlap=None, overlap=None, then=(),
+            label=f"{self.model_name}.{stem}.{model}", filename=template, ensemble_weights=None)
 
 
 def refuse_demucs_options(opts: SeparateOptions, family: str) -> None:

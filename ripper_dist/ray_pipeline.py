@@ -34,6 +34,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,7 +46,7 @@ from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
 from .progress import Progress
 from .span_work import TrackPlan, check_unchanged, open_reader, plan_track, run_span, stem_sink
-from .stem_sink import stem_paths
+from .stem_sink import StemLayout, StemOutput
 from .watchdog import Deadline, Limits, guard, run_with_deadline
 
 if TYPE_CHECKING:
@@ -63,9 +64,8 @@ class JobSpec:
     family: Family
     rows: RowContext
     parts_root: str
-    fmt: str
-    subtype: str
-    clip: str
+    layout: StemLayout
+    output: StemOutput
     n_tracks: int
     actors: int
     io: object = None  # the NodeIO actor handle with --no-shared-fs
@@ -78,8 +78,8 @@ class JobSpec:
             n = max(n, min(self.actors, length // (SPAN_SECONDS_MIN * sr)))
         return max(1, n)
 
-    def out_paths(self, track: str) -> dict:
-        return stem_paths(self.rows.out_dir, track, self.family.stems, self.fmt)
+    def out_paths(self, track: str, path: str) -> dict:
+        return self.layout.paths(track, self.family.stems, path)
 
     def parts(self, track: str, n_spans: int):
         if self.io is not None:
@@ -148,7 +148,7 @@ class SpanSeparator:
         """A one-span track on a CPU actor with the stems' folder at hand: straight into its stem files, as the local
         engine does (no part written and read back); returns (span info, the track's row)."""
         spec = self.spec
-        sink = stem_sink(spec.family, plan, spec.out_paths(track), fmt=spec.fmt, subtype=spec.subtype, clip=spec.clip)
+        sink = stem_sink(spec.family, plan, spec.out_paths(track, path), spec.output)
         try:
             with spec.reader(path) as reader:
                 info = run_span(spec.family, guard(self.runners, deadline), reader, plan, 0, self.batch_size, sink)
@@ -159,7 +159,8 @@ class SpanSeparator:
             raise
         paths = sink.close()
         row = spec.rows.done(path, track, plan=plan, paths=paths, started=info["started"], finished=time.time(),
-                             node=self.node, worker=self.actor, backend=self.backend)
+                             node=self.node, worker=self.actor, backend=self.backend, compute_s=info["compute_s"],
+                             **sink.row_fields())
         return info, json.dumps(row)
 
     def _one(self, deadline: Deadline, path: str, track: str, span: int, n_spans: int, plan: TrackPlan) -> dict:
@@ -211,7 +212,7 @@ class SpanSeparator:
 # -- stage 3: assemble finished tracks ------------------------------------------------------------------------------
 def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: TrackPlan) -> dict:
     family = spec.family
-    sink = stem_sink(family, plan, spec.out_paths(track), fmt=spec.fmt, subtype=spec.subtype, clip=spec.clip)
+    sink = stem_sink(family, plan, spec.out_paths(track, path), spec.output)
     try:
         for block in parts.blocks(len(family.stems), family.channels):
             sink.write(block)
@@ -226,7 +227,8 @@ def _assemble(spec: JobSpec, path: str, track: str, parts: TrackParts, plan: Tra
     actors = sorted({m["actor"] for m in metas})
     return spec.rows.done(path, track, plan=plan, paths=paths, started=min(m["started"] for m in metas),
                           finished=time.time(), node=",".join(sorted({m["node"] for m in metas})),
-                          worker=",".join(actors), backend=",".join(sorted({m.get("backend", "") for m in metas})))
+                          worker=",".join(actors), backend=",".join(sorted({m.get("backend", "") for m in metas})),
+                          compute_s=sum(float(m.get("compute_s") or 0) for m in metas), **sink.row_fields())
 
 
 def _finish(batch: dict, *, spec: JobSpec) -> dict:
@@ -268,16 +270,74 @@ def _finish(batch: dict, *, spec: JobSpec) -> dict:
 
 
 # -- the driver -----------------------------------------------------------------------------------------------------
+RAY_LOG = ".ripper-dist/ray.log"
+
+
+class NativeStderrToFile:
+    """Send what native code writes to file descriptor 2 (Ray's C++ core worker and the raylet it spawns, e.g.
+    `logging.cc:... Set ray log level`, `core_worker.cc:...`) to a file, while Python's `sys.stderr` (the progress bar,
+    the summary, errors) keeps going to the terminal."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._saved_fd: int | None = None
+        self._py_stderr = None
+
+    def __enter__(self) -> "NativeStderrToFile":
+        import sys
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stderr.flush()
+        self._saved_fd = os.dup(2)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            real = sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest's capture): leave it alone
+            real = False
+        if real:
+            self._py_stderr = sys.stderr
+            sys.stderr = os.fdopen(os.dup(self._saved_fd), "w", buffering=1, errors="backslashreplace")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import sys
+        if self._saved_fd is None:
+            return
+        if self._py_stderr is not None:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = self._py_stderr
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        self._saved_fd = None
+
+
 class RayEngine:
     """The Ray this command uses: an existing cluster (`--address`, RAY_ADDRESS) or an embedded one it starts and
-    stops. Ray Data's global `DataContext` is set for the job and restored after it."""
+    stops. Ray Data's global `DataContext` is set for the job and restored after it. Unless `-v`, Ray's own native
+    log lines go to `OUT/.ripper-dist/ray.log`, not to the terminal."""
 
     def __init__(self, opts: SeparateOptions):
         self.opts = opts
         self.started_here = False
         self._saved: dict | None = None
+        self._quiet: NativeStderrToFile | None = None
 
     def __enter__(self) -> "RayEngine":
+        out = getattr(self.opts, "out", None)
+        if not self.opts.verbose and out is not None:
+            self._quiet = NativeStderrToFile(Path(out) / RAY_LOG).__enter__()
+        try:
+            self._init_ray()
+        except BaseException:
+            if self._quiet is not None:
+                self._quiet.__exit__(None, None, None)
+                self._quiet = None
+            raise
+        return self
+
+    def _init_ray(self) -> None:
         import logging
 
         import ray
@@ -293,7 +353,6 @@ class RayEngine:
             else:
                 ray.init(address="local", num_cpus=self.opts.num_cpus or os.cpu_count(), **kwargs)
             self.started_here = True
-        return self
 
     def data_context(self, block_bytes: int) -> None:
         import logging
@@ -320,8 +379,13 @@ class RayEngine:
                     ctx.execution_options.preserve_order = v
                 else:
                     setattr(ctx, n, v)
-        if self.started_here:
-            ray.shutdown()
+        try:
+            if self.started_here:
+                ray.shutdown()
+        finally:
+            if self._quiet is not None:
+                self._quiet.__exit__(*exc)
+                self._quiet = None
 
 
 def pool_shape(opts: SeparateOptions, resources: dict) -> dict:
@@ -384,7 +448,9 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
     rows_out: list[dict] = []
     closed: set[int] = set()
     progress = None
+    t0 = time.monotonic()
     with RayEngine(opts) as engine:
+        job.load_s += time.monotonic() - t0  # starting Ray is loading too: not in the summary's x-realtime
         import ray
         import ray.data
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -403,7 +469,7 @@ def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
             io = ray.remote(NodeIO).options(num_cpus=0, max_concurrency=16, scheduling_strategy=pin).remote(
                 family.sample_rate, family.channels)
         spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
-                       fmt=opts.format, subtype=opts.subtype, clip=opts.clip_mode, n_tracks=len(tracks),
+                       layout=job.layout, output=opts.output(), n_tracks=len(tracks),
                        actors=shape["actors"], io=io, limits=opts.limits())
         graph_refs = [ray.put(g) if m in family.models else None for m, g in enumerate(job.bundle.graphs)]
         rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape["device"])

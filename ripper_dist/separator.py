@@ -22,7 +22,6 @@ from .models import ModelBundle, export_model
 from .options import SeparateOptions
 from . import parts
 from .progress import Progress
-from .stem_sink import stem_paths
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Job:
     key: str
     skipped: int = 0
     started: float = field(default_factory=time.time)
+    load_s: float = 0.0  # model export/loading before the first track (not counted in the x-realtime)
     refused: list[TrackInput] = field(default_factory=list)  # not regular files or unreadable: rows, never opened
 
     @property
@@ -54,21 +54,46 @@ class Job:
     def out_dir(self) -> Path:
         return self.opts.out
 
+    @property
+    def layout(self):
+        return self.opts.layout()
+
     def stem_paths(self, track: TrackInput) -> dict[str, Path]:
-        return stem_paths(self.out_dir, track.track, self.family.stems, self.opts.format)
+        return self.layout.paths(track.track, self.family.stems, track.path)
 
     def stem_folders(self) -> list[Path]:
         """Every folder this job's stems go to (where an interrupted run may have left temporary files)."""
         return sorted({p.parent for t in self.tracks for p in self.stem_paths(t).values()})
 
     def rows(self, engine: str) -> RowContext:
-        return RowContext(str(self.out_dir), self.bundle.name, self.opts.format, self.opts.subtype, self.key, engine)
+        return RowContext(str(self.out_dir), self.opts.model_name, self.opts.format, self.opts.subtype, self.key,
+                          engine, job_columns(self.opts, self.bundle, self.family, self.load_s))
+
+
+def job_columns(opts: SeparateOptions, bundle: ModelBundle, family: Family, load_s: float) -> dict:
+    """The metadata columns every row of a job shares: versions, the model's identity, the options as asked."""
+    from . import __version__
+    from .encoders import BITRATE_FORMATS, DEFAULT_BITRATE
+    infos = [i for m in getattr(bundle, "members", [bundle]) for i in m.infos]  # an ensemble: all its members'
+    parity = [float(v) for i in infos if (v := i.raw.get("ripper.parity_sdr_db")) not in (None, "")]
+    segment = getattr(family, "segment_samples", None) or min(i.segment_samples for i in infos)
+    return {"ripper_dist_version": __version__,
+            "checkpoint_sha256": [i.raw.get("ripper.checkpoint_sha256") or "" for i in infos],
+            "parity_sdr_db": min(parity) if parity else None, "precision": opts.precision, "device": opts.device,
+            "shifts": opts.shifts, "overlap": getattr(family, "overlap", None),
+            "segment_s": segment / family.sample_rate if family.kind == "demucs" else None,
+            "num_overlap": getattr(family, "num_overlap", None), "stems": list(family.stems),
+            "two_stems": opts.two_stems, "other_method": (opts.other_method or "add") if opts.two_stems else None,
+            "clip_mode": opts.clip_mode,
+            "bitrate_kbps": (opts.bitrate or DEFAULT_BITRATE) if opts.format in BITRATE_FORMATS else None,
+            "load_s": round(load_s, 3)}
 
 
 def resume_options(opts: SeparateOptions, bundle: ModelBundle, family: Family) -> dict:
     """Everything that changes the files written: the model's identity, the family's own options, the output."""
     return {"model": bundle.identity(), "family": family.kind, **family.resume_options(), "format": opts.format,
-            "subtype": opts.subtype, "clip": opts.clip_mode}
+            "subtype": opts.subtype, "clip": opts.clip_mode, "bitrate": opts.bitrate, "sample_rate": opts.sample_rate,
+            "filename": opts.filename}
 
 
 def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> Job:
@@ -81,13 +106,16 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         tracks = assign_tracks(expand_inputs(list(opts.inputs)))
         if not tracks:
             raise ValueError("no input files found")
+    opts.check_model_names()
     check_writable(opts.out)  # before any export or track: a read-only or full OUT is a setup error (exit 2)
+    t0 = time.monotonic()
     if opts.is_ensemble:
         from .ensemble import load_ensemble
         bundle, family = load_ensemble(opts)
     else:
         bundle = ModelBundle.from_exported(export_model(opts))
         family = family_for(bundle, opts)
+    load_s = time.monotonic() - t0
     key = options_key(resume_options(opts, bundle, family))
     manifest = Manifest(opts.out)
     todo, skipped = [], 0
@@ -97,11 +125,12 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
             continue
         if not opts.force and t.path.exists():
             st = t.path.stat()
-            if manifest.is_done(str(t.path), key, st.st_size, st.st_mtime_ns, sha256=lambda p=t.path: sha256_file(p)):
+            if manifest.is_done(opts.model_name, str(t.path), key, st.st_size, st.st_mtime_ns,
+                                sha256=lambda p=t.path: sha256_file(p)):
                 skipped += 1
                 continue
         todo.append(t)
-    return Job(opts, bundle, family, tracks, todo, manifest, key, skipped, refused=refused)
+    return Job(opts, bundle, family, tracks, todo, manifest, key, skipped, refused=refused, load_s=load_s)
 
 
 def check_writable(out: Path) -> None:
@@ -122,12 +151,16 @@ def clean_leftovers(job: Job) -> None:
 
 
 def summary(job: Job, rows: list[dict], wall_s: float) -> str:
+    """wall_s: the separation's wall time, without the model's export and loading (`job.load_s`, shown apart)."""
     done = [r for r in rows if r["status"] == "done"]
     failed = [r for r in rows if r["status"] == "failed"]
     audio = sum(r.get("duration_s") or 0 for r in done)
+    where = job.layout.template.format(model=job.opts.model_name, track="<track>", trackext="<ext>", stem="<stem>",
+                                       ext=job.opts.format)
     lines = [f"{len(done)} done, {len(failed)} failed, {job.skipped} skipped (already done) of {len(job.tracks)} "
-             f"inputs; {audio:.1f} s of audio in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime)",
-             f"stems in {job.out_dir}/<track>/, metadata in {job.manifest.path}"]
+             f"inputs; {audio:.1f} s of audio separated in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime; "
+             f"model export/loading {job.load_s:.1f} s not counted)",
+             f"stems in {job.out_dir / where}, metadata in {job.manifest.path}"]
     for r in failed[:20]:
         lines.append(f"  failed: {r['input_path']}: {r['error']}")
     if len(failed) > 20:
@@ -160,13 +193,15 @@ def run_local(job: Job) -> list[dict]:
     from .span_work import separate_track
     from .watchdog import Deadline, guard, run_with_deadline
     opts, family = job.opts, job.family
-    rows_ctx = job.rows("local")
+    t0 = time.monotonic()
     batch_size, fit_gpu = batch_plan(opts.batch_size, opts.device)
     runners = job.bundle.runners(opts.device, opts.threads, family.models, max_batch=batch_size,
                                  backend=opts.backend)
     backend = backend_of(runners)
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
+    job.load_s += time.monotonic() - t0  # the sessions: loading, not separating
+    rows_ctx = job.rows("local")
     progress = Progress(total_duration(job.todo, opts.limits()), enabled=opts.progress)
     rows = []
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -175,13 +210,12 @@ def run_local(job: Job) -> list[dict]:
             started = time.time()
             try:
                 paths, plan, info = run_with_deadline(lambda d, track=track: separate_track(
-                    family, guard(runners, d), track.path, job.stem_paths(track), fmt=opts.format,
-                    subtype=opts.subtype, clip=opts.clip_mode, batch_size=batch_size,
-                    progress=lambda n: progress.update(n / family.sample_rate), deadline=d),
+                    family, guard(runners, d), track.path, job.stem_paths(track), output=opts.output(),
+                    batch_size=batch_size, progress=lambda n: progress.update(n / family.sample_rate), deadline=d),
                     Deadline(opts.limits(), str(track.path)))
                 row = rows_ctx.done(str(track.path), track.track, plan=plan, paths=paths, started=started,
                                     finished=time.time(), node=socket.gethostname(), worker=worker,
-                                    backend=backend)
+                                    backend=backend, compute_s=info["compute_s"], **info["stems"])
             except Exception as e:  # noqa: BLE001 - one track's failure is its row, never the job's end
                 row = rows_ctx.failed(str(track.path), track.track, one_line(e), started_at=started,
                                       node=socket.gethostname(), worker=worker, traceback=format_traceback(e))
@@ -197,14 +231,15 @@ def choose_engine(opts: SeparateOptions, n_todo: int) -> str:
     (5 to 8 s on two cores) costs more than spreading the chunks gains (60 s track: 19.5 s local, 28.1 s Ray)."""
     if opts.engine != "auto":
         return opts.engine
-    return "ray" if opts.ray_address() or not opts.shared_fs or n_todo > 1 else "local"
+    parallel = opts.actors is not None and opts.actors > 1  # -j N: N workers, even on one track (its spans)
+    return "ray" if opts.ray_address() or not opts.shared_fs or n_todo > 1 or parallel else "local"
 
 
 def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> int:
-    t0 = time.monotonic()
     job = plan_job(opts, tracks)
     clean_leftovers(job)
     refused = [job.record(job.rows("listing").failed(str(t.path), t.track, t.error)) for t in job.refused]
+    t0, load_before = time.monotonic(), job.load_s
     try:
         if not job.todo:
             rows = []
@@ -217,7 +252,8 @@ def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> 
     finally:  # also what a worker of a killed earlier run wrote after the cleanup above
         clean_leftovers(job)
     job.manifest.compact()
-    print(summary(job, rows, time.monotonic() - t0), file=sys.stderr)
+    wall = time.monotonic() - t0 - (job.load_s - load_before)  # the local engine's sessions count as loading
+    print(summary(job, rows, wall), file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -227,7 +263,7 @@ def run_separation(opts: SeparateOptions) -> int:
     for stem, model in opts.then:
         prev = Manifest(opts.out)
         tracks = [TrackInput(opts.out / r["stem_paths"][stem], r["track"])
-                  for r in sorted(prev.rows.values(), key=lambda r: r["track"])
+                  for r in sorted(prev.rows_of(opts.model_name), key=lambda r: r["track"])
                   if r["status"] == "done" and stem in (r["stem_paths"] or {})]
         if not tracks:
             print(f"--then {stem}={model}: no finished track has a {stem!r} stem", file=sys.stderr)

@@ -27,6 +27,14 @@ RELEASED = {
                     _ONE_HOT, None),
     "htdemucs_6s": (["5c90dfd2-34c22ccb.th"], None, None),
 }
+_FOUR = ["drums", "bass", "other", "vocals"]
+#: What is known of the released models without their files: sources, segment (s), published SDR (MUSDB18-HQ test,
+#: median over tracks, mean of the sources; upstream's README) where there is one.
+RELEASED_INFO = {
+    "htdemucs": {"sources": _FOUR, "segment_s": 7.8, "sdr_db": 8.80},
+    "htdemucs_ft": {"sources": _FOUR, "segment_s": 7.8, "sdr_db": 9.00},
+    "htdemucs_6s": {"sources": _FOUR + ["guitar", "piano"], "segment_s": 7.8, "sdr_db": None},
+}
 DESCRIPTIONS = {
     "htdemucs": "Hybrid Transformer Demucs v4: drums, bass, other, vocals (upstream default)",
     "htdemucs_ft": "htdemucs fine-tuned: bag of 4 specialists, one per source (4x slower, a little better)",
@@ -37,6 +45,10 @@ _SIG_FILE = re.compile(r"^(?P<sig>[0-9a-f]{8})(?:-(?P<sha>[0-9a-f]{8}))?\.th$")
 
 class ModelSourceError(ValueError):
     """A model name, repo or file that cannot be resolved."""
+
+
+def released_info(name: str) -> dict:
+    return RELEASED_INFO[name]
 
 
 class ChecksumError(ModelSourceError):
@@ -60,7 +72,18 @@ def verify_prefix(path: Path, prefix: str) -> str:
 
 
 def download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True) -> Path:
-    """Download `url` to `dest` atomically; verify the sha256 prefix before the file gets its final name."""
+    """Download `url` to `dest` atomically; verify the sha256 prefix before the file gets its final name.
+    A network failure is one line naming the URL and the reason (ModelSourceError), not a traceback."""
+    import urllib.error
+    try:
+        return _download(url, dest, sha_prefix, progress=progress)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ModelSourceError(f"cannot download {url}: {reason} (no internet? $RIPPER_DIST_MODEL_URL points the "
+                               "downloads at a mirror; or use --repo/--checkpoint/--onnx)") from None
+
+
+def _download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True) -> Path:
     with atomic_path(dest, suffix=".part") as tmp, open(tmp, "wb") as out, \
             urllib.request.urlopen(url, timeout=60) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
@@ -105,7 +128,8 @@ def _root_url() -> str:
 def fetch_released(name: str, *, progress: bool = True) -> DemucsSource:
     """Resolve a released model name, downloading missing files into the cache (verified)."""
     if name not in RELEASED:
-        raise ModelSourceError(f"unknown model {name!r}; released models: {', '.join(RELEASED)}")
+        raise ModelSourceError(f"-n: unknown model {name!r}; released models: {', '.join(RELEASED)}; or give --repo "
+                               "DIR, --checkpoint FILE.th or --onnx FILE.onnx")
     files, weights, segment = RELEASED[name]
     members = []
     for fname in files:

@@ -101,25 +101,28 @@ def run_span(family: Family, runners, reader, plan: TrackPlan, span: int, batch_
             "samples": plan.spans[span][1] - plan.spans[span][0]}
 
 
-def stem_sink(family: Family, plan: TrackPlan, out_paths: dict[str, Path], *, fmt: str, subtype: str, clip: str):
-    from .stem_sink import StemSink
-    return StemSink(out_paths, model_rate=family.sample_rate, out_rate=plan.in_rate, frames=plan.frames,
-                    input_channels=plan.in_channels, model_channels=family.channels, fmt=fmt, subtype=subtype,
-                    clip=clip)
+def stem_sink(family: Family, plan: TrackPlan, out_paths: dict[str, Path], output=None, *, fmt: str = "wav",
+              subtype: str | None = None, clip: str = "rescale"):
+    """The sink of a track's stems: `output` (a `stem_sink.StemOutput`), or one made of fmt/subtype/clip."""
+    from .stem_sink import StemOutput, StemSink
+    output = output or StemOutput(fmt, subtype, clip)
+    return StemSink(out_paths, model_rate=family.sample_rate, in_rate=plan.in_rate, frames=plan.frames,
+                    input_channels=plan.in_channels, model_channels=family.channels, output=output)
 
 
-def separate_track(family: Family, runners, path, out_paths: dict[str, Path], *, fmt: str = "wav",
-                   subtype: str = "PCM_16", clip: str = "rescale", batch_size: int = 1,
+def separate_track(family: Family, runners, path, out_paths: dict[str, Path], *, output=None, fmt: str = "wav",
+                   subtype: str | None = None, clip: str = "rescale", batch_size: int = 1,
                    progress: Callable[[int], None] | None = None,
                    deadline=None) -> tuple[dict[str, Path], TrackPlan, dict]:
-    """The local engine's track: one span, straight into the stem files. Returns (paths, plan, span info).
+    """The local engine's track: one span, straight into the stem files. Returns (paths, plan, span info); the info
+    carries the sink's `row_fields` under "stems".
 
     deadline: a `watchdog.Deadline`, told the track's duration once the header is read."""
     with open_reader(family, path) as reader:
         if deadline is not None:
             deadline.set_duration(reader.info.duration_s)
         plan = plan_track(family, reader, 1)
-        sink = stem_sink(family, plan, out_paths, fmt=fmt, subtype=subtype, clip=clip)
+        sink = stem_sink(family, plan, out_paths, output, fmt=fmt, subtype=subtype, clip=clip)
         try:
             info = run_span(family, runners, reader, plan, 0, batch_size, sink, progress)
             check_unchanged(path, plan)
@@ -130,4 +133,5 @@ def separate_track(family: Family, runners, path, out_paths: dict[str, Path], *,
             raise
     paths = sink.close()
     info["peaks"] = sink.peaks
+    info["stems"] = sink.row_fields()
     return paths, plan, info

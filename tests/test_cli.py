@@ -82,9 +82,9 @@ def test_bag_with_weights_and_stems(tmp_path, tracks):
     out2 = tmp_path / "out2"
     assert _run(out2, tracks / "a", "--repo", repo, "-n", "bag", "--stems", "vocals") == 0
     df = pd.read_parquet(out2 / "metadata.parquet")
-    assert [dict(s) for s in df.stem_paths] == [{"vocals": f"{df.track[0]}/vocals.wav"}]
-    a, _ = sf.read(out / df.track[0] / "vocals.wav")
-    b, _ = sf.read(out2 / df.track[0] / "vocals.wav")
+    assert [dict(s) for s in df.stem_paths] == [{"vocals": f"bag/{df.track[0]}/vocals.wav"}]
+    a, _ = sf.read(out / "bag" / df.track[0] / "vocals.wav")
+    b, _ = sf.read(out2 / "bag" / df.track[0] / "vocals.wav")
     assert np.array_equal(a, b)
 
 
@@ -95,10 +95,10 @@ def test_six_sources_and_two_stems(tmp_path, tracks):
     _check_parity(out, repo, "six")
     out2 = tmp_path / "out2"
     assert _run(out2, tracks / "mono48.wav", "--repo", repo, "-n", "six", "--two-stems", "vocals") == 0
-    stems = {p.stem for p in (out2 / "mono48").iterdir()}
+    stems = {p.stem for p in (out2 / "six" / "mono48").iterdir()}
     assert stems == {"vocals", "no_vocals"}
-    parts = [sf.read(out / "mono48" / f"{s}.wav")[0] for s in ["drums", "bass", "other", "guitar", "piano"]]
-    no_vocals, _ = sf.read(out2 / "mono48" / "no_vocals.wav")
+    parts = [sf.read(out / "six" / "mono48" / f"{s}.wav")[0] for s in ["drums", "bass", "other", "guitar", "piano"]]
+    no_vocals, _ = sf.read(out2 / "six" / "mono48" / "no_vocals.wav")
     assert sdr_db(sum(parts), no_vocals) > 100
 
 
@@ -165,8 +165,8 @@ def test_fp16_precision_end_to_end(tmp_path, tracks):
     assert _run(tmp_path / "fp32", "--repo", repo, "-n", "tiny", track) == 0
     assert _run(tmp_path / "fp16", "--repo", repo, "-n", "tiny", "--precision", "fp16", track) == 0
     for stem in ["drums", "bass", "other", "vocals"]:
-        a = sf.read(tmp_path / "fp32" / "song" / f"{stem}.wav")[0]
-        b = sf.read(tmp_path / "fp16" / "song" / f"{stem}.wav")[0]
+        a = sf.read(tmp_path / "fp32" / "tiny" / "song" / f"{stem}.wav")[0]
+        b = sf.read(tmp_path / "fp16" / "tiny" / "song" / f"{stem}.wav")[0]
         assert 40 <= sdr_db(a, b) < 200  # close, and not the fp32 graph again
     assert _run(tmp_path / "fp32", "--repo", repo, "-n", "tiny", "--precision", "fp16", track) == 0
     df = pd.read_parquet(tmp_path / "fp32" / "metadata.parquet")

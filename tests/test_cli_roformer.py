@@ -93,17 +93,20 @@ def test_chain_roformer_vocals_then_demucs_on_the_rest(tmp_path):
     assert main(["separate", "--engine", "local", "--no-progress", "-n", "mel_band_roformer", "--config", str(config),
                  "--checkpoint", str(ckpt), "--then", "other=tiny", "--then-repo", str(repo), "--subtype", "FLOAT",
                  "-o", str(out), str(track)]) == 0
-    assert {p.name for p in (out / "song").iterdir()} == {"vocals.wav", "other.wav"}
-    chained = out / "other.tiny"
-    row = pd.read_parquet(chained / "metadata.parquet").iloc[0]
-    assert row.status == "done" and row.track == "song" and row.input_path == str(out / "song" / "other.wav")
+    first = out / ckpt.stem / "song"  # OUT/<model>/<track>/
+    assert {p.name for p in first.iterdir()} == {"vocals.wav", "other.wav"}
+    chained = out / f"{ckpt.stem}.other.tiny"
+    df = pd.read_parquet(out / "metadata.parquet")  # one manifest for the output root, a row per (model, input)
+    assert sorted(df.model) == sorted([ckpt.stem, f"{ckpt.stem}.other.tiny"])
+    row = df[df.model == f"{ckpt.stem}.other.tiny"].iloc[0]
+    assert row.status == "done" and row.track == "song" and row.input_path == str(first / "other.wav")
     assert sorted(dict(row.stem_paths)) == ["bass", "drums", "other", "vocals"]
     direct = tmp_path / "direct"
     assert main(["separate", "--engine", "local", "--no-progress", "--repo", str(repo), "-n", "tiny", "--subtype",
-                 "FLOAT", "-o", str(direct), str(out / "song" / "other.wav")]) == 0
+                 "FLOAT", "-o", str(direct), str(first / "other.wav")]) == 0
     for stem in ["drums", "vocals"]:
         a = sf.read(chained / "song" / f"{stem}.wav")[0]
-        b = sf.read(direct / "other" / f"{stem}.wav")[0]
+        b = sf.read(direct / "tiny" / "other" / f"{stem}.wav")[0]
         assert np.array_equal(a, b)
 
 
@@ -120,8 +123,8 @@ def test_ray_job_equals_local_engine_with_spans(tmp_path):
     assert main(["separate", "--engine", "ray", "--num-cpus", "2", "-o", str(tmp_path / "ray"), *common]) == 0
     for track in ["a", "b", "long"]:
         for stem in ["vocals", "other"]:
-            x = sf.read(tmp_path / "ray" / track / f"{stem}.wav")[0]
-            y = sf.read(tmp_path / "local" / track / f"{stem}.wav")[0]
+            x = sf.read(tmp_path / "ray" / ckpt.stem / track / f"{stem}.wav")[0]
+            y = sf.read(tmp_path / "local" / ckpt.stem / track / f"{stem}.wav")[0]
             assert x.shape == y.shape and sdr_db(y, x) >= 120
     rows = pd.read_parquet(tmp_path / "ray" / "metadata.parquet").set_index("track")
     assert len(rows.worker["long"].split(",")) == 2  # its spans ran on both actors

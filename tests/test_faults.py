@@ -81,9 +81,11 @@ def test_hostile_inputs_become_rows_and_leftovers_are_cleaned(world, tmp_path, f
     _, graphs = world
     inp = _hostile(tmp_path / "in")
     out = tmp_path / "out"
-    ours = [out / "good" / ".vocals.wav.0123456789ab.f32", out / "good" / ".other.wav.0123456789ab.tmp",
-            out / "nan" / ".vocals.wav.a1b2c3d4.tmp"]
-    users = [out / "good" / ".notes.tmp", out / "good" / "vocals.wav.bak.tmp", out / "good" / ".vocals.wav.mine.tmp"]
+    stems = out / family  # OUT/<model>/<track>/: the model is the graph's name
+    ours = [stems / "good" / ".vocals.wav.0123456789ab.f32", stems / "good" / ".other.wav.0123456789ab.tmp",
+            stems / "nan" / ".vocals.wav.a1b2c3d4.tmp"]
+    users = [stems / "good" / ".notes.tmp", stems / "good" / "vocals.wav.bak.tmp",
+             stems / "good" / ".vocals.wav.mine.tmp"]
     for p in ours + users:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x" * 100)
@@ -95,14 +97,14 @@ def test_hostile_inputs_become_rows_and_leftovers_are_cleaned(world, tmp_path, f
     assert df.loc["good", "status"] == "done"
     for bad in ("nan", "inf"):
         assert df.loc[bad, "status"] == "failed" and df.loc[bad, "error"].startswith("NonFiniteAudioError"), df
-        assert not (out / bad).exists() or not any((out / bad).iterdir())
+        assert not (stems / bad).exists() or not any((stems / bad).iterdir())
     assert df.loc["fifo", "status"] == "failed" and "FIFO" in df.loc["fifo", "error"]
     assert sum(line.lstrip().startswith("failed:") for line in r.stderr.splitlines()) == 3
     log = (out / ".ripper-dist" / "errors.log").read_text()
     assert "nan.wav" in log and "Traceback" in log
     assert not any(p.exists() for p in ours) and all(p.exists() for p in users)
     for stem in STEMS[family]:
-        y = sf.read(out / "good" / f"{stem}.wav")[0]
+        y = sf.read(stems / "good" / f"{stem}.wav")[0]
         assert np.isfinite(y).all() and np.abs(y).max() > 0.01  # real audio, not a blank stem
 
 
@@ -238,7 +240,7 @@ def test_input_changed_or_deleted_mid_run_is_not_published(world, tmp_path, engi
     by = {r["track"]: r for r in rows}
     assert by["victim"]["status"] == "failed" and by["victim"]["error"].startswith("InputChangedError"), by
     assert by["other"]["status"] == "done" or action == "change"
-    assert not (out / "victim").exists() or not any((out / "victim").iterdir())
+    assert not (out / "demucs" / "victim").exists() or not any((out / "demucs" / "victim").iterdir())
 
 
 @pytest.mark.parametrize("engine", ["local"])
@@ -309,5 +311,6 @@ def test_ctrl_c_exits_130_and_the_rerun_cleans_up_and_finishes(world, tmp_path, 
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
     r = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in (out / "long").iterdir()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert sorted(p.name for p in (out / "demucs" / "long").iterdir()) == ["bass.wav", "drums.wav", "other.wav",
+                                                                           "vocals.wav"]
     assert not (out / ".ripper-dist" / "parts").exists()

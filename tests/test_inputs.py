@@ -41,6 +41,15 @@ def test_unique_stable_track_names(tmp_path):
     assert again == names
 
 
+def test_unsupported_files_are_named_before_anything_runs(tmp_path):
+    for name in ("a.m4a", "b.m4a", "notes.txt"):
+        _touch(tmp_path / "album" / name)
+    with pytest.raises(ValueError, match=r"no supported audio in .*album: found 2 \.m4a, 1 \.txt"):
+        expand_inputs([str(tmp_path / "album")])
+    with pytest.raises(ValueError, match=r"a\.m4a: \.m4a files are not readable"):
+        expand_inputs([str(tmp_path / "album" / "a.m4a")])
+
+
 def test_lists_name_files_only(tmp_path):
     """An empty entry or a folder in a list is an error naming the list and line, never a scan of the list's folder;
     blank lines are nothing."""

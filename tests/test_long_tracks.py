@@ -92,10 +92,10 @@ def test_long_mono_track_bounded_memory_on_both_engines(track, tmp_path, family)
     stems = ["drums", "bass", "other", "vocals"] if family == "demucs" else ["vocals", "other"]
     for stem in stems:
         for engine in ("local", "ray"):
-            info = sf.info(tmp_path / engine / "long" / f"{stem}.wav")
+            info = sf.info(tmp_path / engine / graph.stem / "long" / f"{stem}.wav")  # OUT/<model>/<track>/
             assert (info.frames, info.channels) == (frames, 1)
     # the identity graph's stems are known: the mix times a gain (and for RoFormer the complement, mix - vocals)
-    with sf.SoundFile(track) as f_in, sf.SoundFile(tmp_path / "ray" / "long" / f"{stems[-1 if family == 'demucs' else 0]}.wav") as f_out:
+    with sf.SoundFile(track) as f_in, sf.SoundFile(tmp_path / "ray" / graph.stem / "long" / f"{stems[-1 if family == 'demucs' else 0]}.wav") as f_out:
         f_in.seek(frames // 2)
         f_out.seek(frames // 2)
         x, y = f_in.read(44100), f_out.read(44100)

@@ -20,14 +20,14 @@ def test_rows_survive_without_compaction_and_compact(tmp_path):
     m.record(_row("/b.wav", status="failed"))
     # a "crash" here: a new process still sees both rows
     m2 = Manifest(tmp_path)
-    assert set(m2.rows) == {"/a.wav", "/b.wav"}
-    assert m2.is_done("/a.wav", "k", 10, 5)
-    assert not m2.is_done("/b.wav", "k", 10, 5)            # failed: redo
-    assert not m2.is_done("/a.wav", "other", 10, 5)        # other options: redo
-    assert m2.is_done("/a.wav", "k", 11, 6, sha256=lambda: "abc")   # touched but same content
-    assert not m2.is_done("/a.wav", "k", 11, 6, sha256=lambda: "def")
+    assert set(m2.rows) == {("m", "/a.wav"), ("m", "/b.wav")}
+    assert m2.is_done("m", "/a.wav", "k", 10, 5)
+    assert not m2.is_done("m", "/b.wav", "k", 10, 5)            # failed: redo
+    assert not m2.is_done("m", "/a.wav", "other", 10, 5)        # other options: redo
+    assert m2.is_done("m", "/a.wav", "k", 11, 6, sha256=lambda: "abc")   # touched but same content
+    assert not m2.is_done("m", "/a.wav", "k", 11, 6, sha256=lambda: "def")
     (tmp_path / "t" / "vocals.wav").unlink()
-    assert not m2.is_done("/a.wav", "k", 10, 5)            # stem missing: redo
+    assert not m2.is_done("m", "/a.wav", "k", 10, 5)            # stem missing: redo
     m2.compact()
     assert not (tmp_path / ".ripper-dist" / "rows.jsonl").exists()
     df = pd.read_parquet(tmp_path / "metadata.parquet")
@@ -46,6 +46,20 @@ def test_a_torn_journal_line_is_ignored_and_compaction_is_not_every_row(tmp_path
     with open(tmp_path / ".ripper-dist" / "rows.jsonl", "a") as f:
         f.write('{"input_path": "/torn.wav", "sta')  # the process died mid-line
     again = Manifest(tmp_path)
-    assert len(again.rows) == 50 and "/torn.wav" not in again.rows
+    assert len(again.rows) == 50 and ("m", "/torn.wav") not in again.rows
     again.record(_row("/0.wav"))  # a later row for the same input wins
-    assert Manifest(tmp_path).rows["/0.wav"]["status"] == "done"
+    assert Manifest(tmp_path).rows[("m", "/0.wav")]["status"] == "done"
+
+
+def test_two_models_on_one_input_keep_their_own_rows(tmp_path):
+    m = Manifest(tmp_path)
+    m.record(_row("/a.wav", model="htdemucs", stem_peak_dbfs={"vocals": -3.5}, stem_gain={"vocals": 1.0}))
+    m.record(_row("/a.wav", model="kim", status="failed"))
+    m.compact()
+    again = Manifest(tmp_path)
+    assert [r["status"] for r in again.rows_of("htdemucs")] == ["done"]
+    assert [r["status"] for r in again.rows_of("kim")] == ["failed"]
+    assert not again.is_done("kim", "/a.wav", "k", 10, 5)
+    df = pd.read_parquet(tmp_path / "metadata.parquet")
+    assert sorted(df.model) == ["htdemucs", "kim"]
+    assert dict(df[df.model == "htdemucs"].stem_peak_dbfs.iloc[0]) == {"vocals": -3.5}

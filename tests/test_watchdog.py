@@ -155,7 +155,7 @@ def test_local_engine_stuck_track_is_a_failed_row_and_the_job_goes_on(tmp_path, 
     assert rc == 1 and time.monotonic() - t0 < 30
     assert df.loc["a_stuck", "status"] == "failed" and df.loc["a_stuck", "error"].startswith("TrackTimeoutError")
     assert df.loc["b_fine", "status"] == "done"
-    assert not (tmp_path / "out" / "a_stuck").exists()  # nothing published, no temporary file left
-    assert sf.info(tmp_path / "out" / "b_fine" / "vocals.wav").frames == sf.info(stuck).frames
+    assert not (tmp_path / "out" / "id" / "a_stuck").exists()  # nothing published, no temporary file left
+    assert sf.info(tmp_path / "out" / "id" / "b_fine" / "vocals.wav").frames == sf.info(stuck).frames
     log = (tmp_path / "out" / ".ripper-dist" / "errors.log").read_text()
     assert "a_stuck.wav" in log and "TrackTimeoutError" in log
