@@ -77,5 +77,18 @@ class OpenVinoRunner:
             parts.append(np.array(req.get_output_tensor(0).data, copy=True))  # the request reuses its buffer
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def run_explained(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An explanation graph's two outputs, `stems` and `band_masks` (as `OnnxRunner.run_explained`)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        step = self.max_batch or len(batch)
+        stems, masks = [], []
+        for k in range(0, len(batch), step):
+            piece = batch[k:k + step]
+            req = self._request(len(piece))
+            req.infer({0: piece})
+            stems.append(np.array(req.get_tensor("stems").data, copy=True))
+            masks.append(np.array(req.get_tensor("band_masks").data, copy=True))
+        return np.concatenate(stems), np.concatenate(masks)
+
     def fit_to_gpu(self, cap: int = 1, free_bytes=None) -> int:
         return self.max_batch or 1

@@ -221,8 +221,6 @@ class SeparateOptions:
         existing = next((p for p in (self.out, *self.out.absolute().parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
             bad("-o", f"{self.out}: {existing} is a file, not a folder")
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            bad("-o", f"{self.out}: {existing} is not writable")
         for stem, model in self.then:
             if not stem or not model:
                 bad("--then", "expected STEM=MODEL, e.g. other=htdemucs")

@@ -121,6 +121,6 @@ def test_separate_with_openvino_matches_onnx_runtime(small, tmp_path, engine):
         row = pd.read_parquet(tmp_path / backend / "metadata.parquet").iloc[0]
         assert row.status == "done" and row.backend == backend and row.engine == engine
         import soundfile as sf
-        out[backend] = np.stack([sf.read(tmp_path / backend / "song" / f"{s}.wav")[0] for s in
+        out[backend] = np.stack([sf.read(tmp_path / backend / "tiny" / "song" / f"{s}.wav")[0] for s in
                                  ("drums", "bass", "other", "vocals")])
     assert sdr_db(out["ort"], out["openvino"]) > 60

@@ -13,7 +13,7 @@ import torch
 from explained import explained
 from ripper_dist.onnx_model import read_info
 from ripper_dist.parts import TrackParts
-from ripper_dist.stem_sink import StemSink
+from ripper_dist.stem_sink import StemOutput, StemSink
 from upstream import sdr_db, upstream_stems
 
 STEMS = ("drums", "bass", "other", "vocals")
@@ -73,8 +73,8 @@ def test_side_arrays_travel_through_span_parts(tmp_path):
     masks = np.arange(12, dtype=np.float32).reshape(3, 4)
     w.side("masks", {"vocals": masks})
     w.close()
-    sink = StemSink({"vocals": tmp_path / "out" / "vocals.wav"}, model_rate=44100, out_rate=44100, frames=10,
-                    input_channels=2, model_channels=2, fmt="wav", subtype="FLOAT", clip="none")
+    sink = StemSink({"vocals": tmp_path / "out" / "vocals.wav"}, model_rate=44100, in_rate=44100, frames=10,
+                    input_channels=2, model_channels=2, output=StemOutput("wav", "FLOAT", "none"))
     for block in parts.blocks(1, 2):
         sink.write(block)
     for name, arrays in parts.sides():
