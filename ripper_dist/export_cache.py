@@ -174,7 +174,7 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
         safe_load = _export_side("safe_load")
         print(f"exporting {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.0f} MB) to ONNX: first use only, "
               f"cached in {out.parent}. Tracing, then a parity check against upstream torch; a released-size model "
-              "takes about 1-3 minutes on a few cores", file=sys.stderr, flush=True)
+              "takes about half a minute on two cores", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         model = safe_load.build_demucs_model(safe_load.load_demucs_package(checkpoint))
         if segment is not None and segment <= float(model.segment):
