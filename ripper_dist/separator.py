@@ -116,6 +116,7 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         bundle = ModelBundle.from_exported(export_model(opts))
         family = family_for(bundle, opts)
     load_s = time.monotonic() - t0
+    opts.out.mkdir(parents=True, exist_ok=True)
     key = options_key(resume_options(opts, bundle, family))
     manifest = Manifest(opts.out)
     todo, skipped = [], 0
@@ -134,11 +135,12 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
 
 
 def check_writable(out: Path) -> None:
-    """Create OUT and a file in it, or raise OSError naming OUT (read-only filesystem, permissions, disk full)."""
+    """Create a file in OUT, or in its nearest existing parent when OUT is not there yet (so a job that fails its
+    setup leaves no empty OUT behind), or raise OSError naming OUT (read-only filesystem, permissions, disk full)."""
     import tempfile
+    where = next((p for p in (out, *out.absolute().parents) if p.exists()), out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ripper-dist-probe-", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=".ripper-dist-probe-", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
