@@ -894,6 +894,84 @@ def bench_ops(args) -> None:
           f"{total_gflop / peak:.2f} s)")
 
 
+def _attention_graphs(n_q: int, n_k: int, dim: int, heads: int) -> dict[str, bytes]:
+    """One attention block (QK^T, softmax, AV over `heads` heads) as the exported graph writes it (Reshape,
+    Transpose, MatMul, Softmax, MatMul) and as ONNX Runtime's fused contrib op (com.microsoft MultiHeadAttention,
+    which runs MLAS flash attention on the CPU: no n_q x n_k matrix in memory)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    d = dim // heads
+    plain = [
+        helper.make_node("Reshape", ["q", "s_q"], ["q4"]), helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["k", "s_k"], ["k4"]), helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["v", "s_k"], ["v4"]), helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", ["qt", "scale"], ["qs"]), helper.make_node("MatMul", ["qs", "kt"], ["a"]),
+        helper.make_node("Softmax", ["a"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vt"], ["o"]),
+        helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["ot", "s_o"], ["out"])]
+    consts = [numpy_helper.from_array(np.array([0, n_q, heads, d], np.int64), "s_q"),
+              numpy_helper.from_array(np.array([0, n_k, heads, d], np.int64), "s_k"),
+              numpy_helper.from_array(np.array([0, n_q, dim], np.int64), "s_o"),
+              numpy_helper.from_array(np.array(d ** -0.5, np.float32), "scale")]
+    fused = [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft", num_heads=heads)]
+
+    def model(nodes, inits):
+        ins = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, n, dim])
+               for name, n in (("q", n_q), ("k", n_k), ("v", n_k))]
+        g = helper.make_graph(nodes, "attention", ins, [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                                                        [1, n_q, dim])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                                 ir_version=9).SerializeToString()
+    return {"plain": model(plain, consts), "fused": model(fused, [])}
+
+
+def bench_attention(args) -> None:
+    """The transformer's attention blocks at htdemucs' released segment (2688 frequency tokens, 1344 time tokens,
+    512 channels, 8 heads): the exported MatMul/Softmax graph in ONNX Runtime and in OpenVINO, against ONNX
+    Runtime's fused MultiHeadAttention (CPU flash attention), interleaved; GFLOP/s against a large MatMul's peak.
+    Decides whether rewriting the graph's attention into the fused op is worth it on these cores."""
+    import numpy as np
+    import onnxruntime as ort
+    peak = _matmul_peak(args.threads)
+    print(f"# attention blocks, {args.threads} threads, {args.reps} interleaved reps; load average "
+          f"{os.getloadavg()[0]:.1f}\n# {_machine()}")
+    print(f"{'block':<22}{'kernel':<16}{'min ms':>9}{'med ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'SDR vs plain':>14}")
+    for label, n_q, n_k in (("freq self 2688x2688", 2688, 2688), ("cross 2688x1344", 2688, 1344),
+                            ("time self 1344x1344", 1344, 1344)):
+        graphs = _attention_graphs(n_q, n_k, 512, 8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        runners = {f"ort {k}": ort.InferenceSession(g, so, providers=["CPUExecutionProvider"]).run
+                   for k, g in graphs.items()}
+        try:
+            import openvino as ov
+            core = ov.Core()
+            req = core.compile_model(core.read_model(graphs["plain"], b""), "CPU",
+                                     {"INFERENCE_PRECISION_HINT": "f32",
+                                      "INFERENCE_NUM_THREADS": args.threads}).create_infer_request()
+            runners["openvino plain"] = lambda _names, feeds, req=req: [next(iter(req.infer(feeds).values()))]
+        except ImportError:
+            pass
+        rng = np.random.default_rng(0)
+        feeds = {"q": 2 * rng.standard_normal((1, n_q, 512), np.float32),
+                 "k": 2 * rng.standard_normal((1, n_k, 512), np.float32),
+                 "v": rng.standard_normal((1, n_k, 512), np.float32)}
+        outs = {k: np.asarray(r(None, feeds)[0]) for k, r in runners.items()}
+        times = {k: [] for k in runners}
+        for _ in range(args.reps):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                r(None, feeds)
+                times[k].append(time.perf_counter() - t0)
+        gflop = 2 * 2 * n_q * n_k * 512 / 1e9
+        ref = outs["ort plain"]
+        for k, ts in times.items():
+            err = float(((outs[k] - ref) ** 2).sum())
+            sdr = "exact" if err == 0 else f"{10 * np.log10(float((ref ** 2).sum()) / err):.1f} dB"
+            print(f"{label:<22}{k:<16}{min(ts) * 1e3:>9.1f}{np.median(ts) * 1e3:>9.1f}{gflop / min(ts):>9.1f}"
+                  f"{100 * gflop / min(ts) / peak:>7.0f}%{sdr:>14}")
+    print(f"large MatMul peak on the same {args.threads} threads: {peak:.1f} GFLOP/s")
+
+
 def child_session(path: str, pattern: bool, arena: bool, runs: int, threads: int) -> dict:
     """One plain ORT session, `runs` runs of one chunk: seconds and peak RSS after each (session options A/B)."""
     import resource
@@ -989,6 +1067,9 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p = sub.add_parser("attention", help="attention blocks: exported MatMul/Softmax graph vs fused MultiHeadAttention")
+    p.add_argument("--reps", type=int, default=6)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p = sub.add_parser("graph")
     p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
     p.add_argument("--reps", type=int, default=4)
@@ -996,7 +1077,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
-     "roformer": bench_roformer, "session": bench_session, "ops": bench_ops}[args.what](args)
+     "roformer": bench_roformer, "session": bench_session, "ops": bench_ops,
+     "attention": bench_attention}[args.what](args)
 
 
 if __name__ == "__main__":
