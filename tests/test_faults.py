@@ -296,21 +296,31 @@ def test_ctrl_c_exits_130_and_the_rerun_cleans_up_and_finishes(world, tmp_path, 
     with sf.SoundFile(track, "w", 44100, 2, subtype="PCM_16") as f:  # 8 minutes, written a minute at a time
         for k in range(8):
             f.write(np.random.default_rng(k).uniform(-0.3, 0.3, (44100 * 60, 2)).astype(np.float32))
+    # three more inputs (hard links: no extra writing) keep the job busy for several seconds after the first
+    # temporary file appears, so a fast machine or a busy test process cannot miss the window
+    names = ["long", "long2", "long3", "long4"]
+    for name in names[1:]:
+        os.link(track, track.with_name(f"{name}.wav"))
     out = tmp_path / "out"
-    argv = [*CLI, "-n", str(graphs["demucs"]), "--engine", engine, "--num-cpus", "2", "-o", str(out), str(track)]
+    argv = [*CLI, "-n", str(graphs["demucs"]), "--engine", engine, "--num-cpus", "2", "-o", str(out),
+            str(track.parent)]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 150
+    seen = False
     while time.monotonic() < deadline and proc.poll() is None:
         if any(p.name.startswith(".") for p in out.rglob("*") if p.is_file() and ".wav." in p.name) or \
                 any((out / ".ripper-dist" / "parts").rglob("*.f32")):
+            seen = True
             break
         time.sleep(0.05)
+    assert seen, f"no temporary file seen before the job ended (rc {proc.poll()})"
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
     r = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in (out / "demucs" / "long").iterdir()) == ["bass.wav", "drums.wav", "other.wav",
-                                                                           "vocals.wav"]
+    for name in names:
+        assert sorted(p.name for p in (out / "demucs" / name).iterdir()) == ["bass.wav", "drums.wav", "other.wav",
+                                                                             "vocals.wav"]
     assert not (out / ".ripper-dist" / "parts").exists()
