@@ -100,17 +100,13 @@ def _sum_stages(n: int) -> tuple[int, int, int] | None:
     return (a, b, c) if max(a, b, c) <= 4 * n ** (1 / 3) + 1 else None
 
 
-_TWO_STAGE_MAX = 65536
-
-
 def _accurate_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over all non-batch axes of a fixed-shape tensor, as (B,), in three short stages.
 
     One long ReduceSum/ReduceMean (millions of elements) in ONNX Runtime accumulates enough float32 error to cost
     tens of dB of parity (`std` over a 7.8 s spectrogram was off by 5e-5 relative); summing blocks of about
     n**(1/3) elements at a time keeps it at torch's accuracy. The blocks are an exact factorisation of n when one
-    exists (no padding copy of a tensor of millions of elements), else two exact stages of at most 65536, else n
-    is zero-padded to a cube.
+    exists (no padding copy of a tensor of millions of elements), else n is zero-padded to a cube.
     """
     n = 1
     for d in x.shape[1:]:
@@ -118,12 +114,6 @@ def _accurate_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, n)
     stages = _sum_stages(n)
     if stages is None:
-        # n with a large prime factor (a time axis of prime length, e.g. 21499 frames at the released segment): two
-        # exact stages, the longer one a few tens of thousands of elements (ORT's sum over those is within 1e-7
-        # relative), instead of a Pad copy of a tensor of millions of elements (16 of them cost about 4% of a chunk)
-        a = _divisor_near(n, math.sqrt(n))
-        if max(a, n // a) <= _TWO_STAGE_MAX:
-            return x.reshape(-1, a, n // a).sum(-1).sum(-1)
         b = max(1, int(math.ceil(n ** (1 / 3))))
         while b ** 3 < n:
             b += 1
