@@ -803,9 +803,9 @@ def _node_gflop(op: str, ins: list, outs: list) -> float:
     prod = lambda s: math.prod(s) if s else 0  # noqa: E731
     if not outs or not ins:
         return 0.0
-    if op in ("MatMul", "FusedMatMul", "MatMulNBits") and len(ins) >= 2 and ins[0]:
-        return 2 * prod(outs[0]) * ins[0][-1] / 1e9
-    if op == "Gemm" and len(ins) >= 2:
+    # ORT lists only the non-constant inputs' shapes: a MatMul by a weight initializer shows one input, so its
+    # FLOPs come from the activation's inner size and the output (K x output elements)
+    if op in ("MatMul", "FusedMatMul", "MatMulNBits", "Gemm") and ins[0]:
         return 2 * prod(outs[0]) * ins[0][-1] / 1e9
     if op in ("Conv", "FusedConv", "NchwcConv") and len(ins) >= 2:
         return 2 * prod(outs[0]) * prod(ins[1][1:]) / 1e9
