@@ -304,7 +304,10 @@ def test_ctrl_c_exits_130_and_the_rerun_cleans_up_and_finishes(world, tmp_path, 
     out = tmp_path / "out"
     argv = [*CLI, "-n", str(graphs["demucs"]), "--engine", engine, "--num-cpus", "2", "-o", str(out),
             str(track.parent)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # as from a terminal: a suite started in the background (`cmd &`, nohup) hands its children SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 150
     seen = False
     while time.monotonic() < deadline and proc.poll() is None:
