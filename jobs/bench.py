@@ -930,7 +930,7 @@ def bench_attention(args) -> None:
     Runtime's fused MultiHeadAttention (CPU flash attention), interleaved; GFLOP/s against a large MatMul's peak.
     Decides whether rewriting the graph's attention into the fused op is worth it on these cores."""
     import numpy as np
-    import onnxruntime as ort
+    from ripper_dist.onnx_model import make_session
     peak = _matmul_peak(args.threads)
     print(f"# attention blocks, {args.threads} threads, {args.reps} interleaved reps; load average "
           f"{os.getloadavg()[0]:.1f}\n# {_machine()}")
@@ -938,16 +938,14 @@ def bench_attention(args) -> None:
     for label, n_q, n_k in (("freq self 2688x2688", 2688, 2688), ("cross 2688x1344", 2688, 1344),
                             ("time self 1344x1344", 1344, 1344)):
         graphs = _attention_graphs(n_q, n_k, 512, 8)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-        runners = {f"ort {k}": ort.InferenceSession(g, so, providers=["CPUExecutionProvider"]).run
-                   for k, g in graphs.items()}
+        # the engine's own settings for both backends, so the A/B is the product's
+        runners = {f"ort {k}": make_session(g, "cpu", args.threads).run for k, g in graphs.items()}
         try:
             import openvino as ov
+            from ripper_dist.openvino_model import cpu_config
             core = ov.Core()
             req = core.compile_model(core.read_model(graphs["plain"], b""), "CPU",
-                                     {"INFERENCE_PRECISION_HINT": "f32",
-                                      "INFERENCE_NUM_THREADS": args.threads}).create_infer_request()
+                                     cpu_config(args.threads)).create_infer_request()
             runners["openvino plain"] = lambda _names, feeds, req=req: [next(iter(req.infer(feeds).values()))]
         except ImportError:
             pass
