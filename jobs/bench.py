@@ -405,16 +405,20 @@ def _machine(device: str = "cpu") -> str:
             f"onnxruntime {onnxruntime.__version__}")
 
 
-#: `--isa avx2`: the switches that cap each runtime's kernels to AVX2 on an AVX-512 machine (to measure what users'
-#: AVX2 desktops get). torch: ATen's dispatch and its oneDNN; OpenVINO: its oneDNN fork, which its own JIT kernels
-#: follow too. ONNX Runtime (MLAS) has no such switch: it always takes the best ISA the CPU has.
-ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}}
+def _isa_env(isa: str) -> dict:
+    """`--isa avx2`: the child sees an AVX2-only CPU (jobs/isa_cap.py: CPUID masked for every runtime, ONNX Runtime's
+    MLAS included, plus torch's and oneDNN's own caps), to measure what users' AVX2 desktops get."""
+    if not isa:
+        return {}
+    sys.path.insert(0, str(Path(__file__).parent))
+    import isa_cap
+    return isa_cap.env(_work_dir())
 
 
 def _run_measured(kind: str, isa: str = "", **kw) -> dict:
-    """Child process with its peak RSS from wait4 (its own, not the parent's); `isa` caps its kernels (ISA_ENV)."""
+    """Child process with its peak RSS from wait4 (its own, not the parent's); `isa` caps its kernels (_isa_env)."""
     cmd = [sys.executable, __file__, "_child", kind, json.dumps(kw)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | ISA_ENV.get(isa, {}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | _isa_env(isa))
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
@@ -455,8 +459,7 @@ def bench_engine(args) -> None:
     print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, device "
           f"{args.device}, {args.precision}, {args.threads} threads, batch size {args.batch_size} (engine ran "
           f"{runs[engines[0]][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds"
-          + (f", kernels capped to {args.isa} ({' '.join(f'{k}={v}' for k, v in ISA_ENV[args.isa].items())}; "
-             "ONNX Runtime has no cap)" if args.isa else ""))
+          + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else ""))
     print(f"# {_machine(args.device)}; load average (1 min) at each round's start: "
           + ", ".join(f"{x:.1f}" for x in loads))
     print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
@@ -1042,7 +1045,7 @@ def main(argv=None):
         p.add_argument("--backends", nargs="+", default=["ort"], choices=["ort", "openvino"],
                        help="engine: one engine contender per CPU backend (the bare loop uses the first)")
         p.add_argument("--no-bare", action="store_true", help="engine: skip the bare loop")
-        p.add_argument("--isa", choices=["", "avx2"], default="", help="cap the children's kernels (ISA_ENV)")
+        p.add_argument("--isa", choices=["", "avx2"], default="", help="children see an AVX2-only CPU (jobs/isa_cap.py)")
     p = sub.add_parser("memory")
     p.add_argument("--small", type=int, default=20)
     p.add_argument("--large", type=int, default=200)
