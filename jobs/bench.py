@@ -2,7 +2,7 @@
 
     python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B|auto]
                                   [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]] [--precision fp32|fp16]
-                                  [--backends ort openvino] [--no-bare] [--isa avx2]
+                                  [--backends ort openvino] [--no-bare] [--isa avx2] [--background N]
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
         On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
@@ -13,9 +13,11 @@
         profiled shapes), against the measured peak of a large MatMul on the same threads.
     python jobs/bench.py graph    A.onnx[:ext,nospin,noarena] B.onnx ... [--reps 4] [--batch-size 1]
         per-chunk ONNX Runtime time of exported graphs (or session options), interleaved, min and median.
-    python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P]
+    python jobs/bench.py cli      [--seconds 60] [--device D] [--precision P] [--rounds R] [--isa avx2]
+                                  [--background N]
         whole-process `ripper-dist separate` (the default, which runs one track locally, and --engine ray) vs the
-        upstream `demucs` CLI on the same file.
+        upstream `demucs` CLI on the same file. `--isa avx2` (engine, cli): every child sees an AVX2-only CPU
+        (jobs/isa_cap.py); `--background N` (engine, cli): N nice-19 busy loops run beside, as on a shared desktop.
     python jobs/bench.py pipeline [--seconds 10] [--small 20] [--large 200] [--long-minutes 20]
         the Ray job around a trivial graph (inference ~free): x-realtime against the one-process ceiling per core,
         driver CPU per audio second (Ray started apart; the difference of a small and a large job), workers' CPU per
@@ -429,7 +431,33 @@ def _run_measured(kind: str, isa: str = "", **kw) -> dict:
     return res
 
 
+class _Background:
+    """`--background N`: N busy loops at nice 19 for the whole benchmark: the "other work at low priority" of a
+    shared machine, which every contender meets alike (the rounds are interleaved)."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "import os\nos.nice(19)\nwhile True: pass"])
+                      for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def label(self) -> str:
+        return f", {self.n} nice-19 busy loops beside it" if self.n else ""
+
+
 def bench_engine(args) -> None:
+    with _Background(args.background) as bg:
+        _bench_engine(args, bg)
+
+
+def _bench_engine(args, bg) -> None:
     import numpy as np
     prep = _run_measured("prepare", model=args.model, threads=args.threads, precision=args.precision)
     repo, name = prep["repo"], prep["name"]
@@ -459,7 +487,7 @@ def bench_engine(args) -> None:
     print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, device "
           f"{args.device}, {args.precision}, {args.threads} threads, batch size {args.batch_size} (engine ran "
           f"{runs[engines[0]][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds"
-          + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else ""))
+          + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else "") + bg.label())
     print(f"# {_machine(args.device)}; load average (1 min) at each round's start: "
           + ", ".join(f"{x:.1f}" for x in loads))
     print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
@@ -486,6 +514,11 @@ def bench_engine(args) -> None:
 
 
 def bench_cli(args) -> None:
+    with _Background(args.background) as bg:
+        _bench_cli(args, bg)
+
+
+def _bench_cli(args, bg) -> None:
     prep = _run_measured("prepare", model=args.model, threads=args.threads, precision=args.precision)
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
@@ -498,15 +531,27 @@ def bench_cli(args) -> None:
               "-d", _torch_device(args.device), "-o", str(out / "demucs"), str(track)]
     ray_ = ours[:4] + ["--engine", "ray"] + ours[4:]  # the default (auto) runs one track locally
     ray_[ray_.index(str(out / "ours"))] = str(out / "ours-ray")
-    r_up = _run_measured("cli", argv=theirs)
-    r_ours = _run_measured("cli", argv=ours)
-    r_ray = _run_measured("cli", argv=ray_)
-    print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}; {_machine(args.device)}")
-    for label, r in [("demucs CLI", r_up), ("ripper-dist (default)", r_ours), ("ripper-dist --engine ray", r_ray)]:
-        print(f"{label:<28} rc={r['rc']} {r['wall_s']:8.2f} s  {args.seconds / r['wall_s']:.3f}x realtime  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (this process; Ray workers not included)")
-    print(f"ripper-dist / demucs speed: default {r_up['wall_s'] / r_ours['wall_s']:.2f}x, "
-          f"Ray job {r_up['wall_s'] / r_ray['wall_s']:.2f}x")
+    import statistics
+    contenders = [("demucs CLI", theirs), ("ripper-dist (default)", ours), ("ripper-dist --engine ray", ray_)]
+    runs: dict[str, list[dict]] = {label: [] for label, _ in contenders}
+    for _ in range(args.rounds):  # alternating, so a noisy stretch hits every contender alike
+        for label, argv in contenders:
+            runs[label].append(_run_measured("cli", isa=args.isa, argv=argv))
+    print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}, {args.rounds} alternating rounds"
+          + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else "")
+          + f"{bg.label()}; {_machine(args.device)}")
+    print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
+    walls = {}
+    for label, _ in contenders:
+        w = [r["wall_s"] for r in runs[label]]
+        walls[label] = (min(w), statistics.median(w))
+        print(f"{label:<28}{min(w):>11.2f}{walls[label][1]:>11.2f}{args.seconds / min(w):>12.3f}"
+              f"{max(r['peak_rss_mb'] for r in runs[label]):>13.0f}  {','.join(str(r['rc']) for r in runs[label])}")
+    up = walls["demucs CLI"]
+    print("ripper-dist / demucs speed (min, median): default "
+          f"{up[0] / walls['ripper-dist (default)'][0]:.2f}x {up[1] / walls['ripper-dist (default)'][1]:.2f}x, "
+          f"Ray job {up[0] / walls['ripper-dist --engine ray'][0]:.2f}x {up[1] / walls['ripper-dist --engine ray'][1]:.2f}x"
+          " (peak RSS: this process; Ray workers not included)")
 
 
 def _busy_cpu_s() -> float:
@@ -1041,11 +1086,13 @@ def main(argv=None):
                                                          "cpu or cuda:N")
         p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graphs (as separate)")
         p.add_argument("--tracks", type=int, default=10)
-        p.add_argument("--rounds", type=int, default=1, help="engine: interleaved rounds of all contenders")
+        p.add_argument("--rounds", type=int, default=1, help="engine, cli: interleaved rounds of all contenders")
         p.add_argument("--backends", nargs="+", default=["ort"], choices=["ort", "openvino"],
                        help="engine: one engine contender per CPU backend (the bare loop uses the first)")
         p.add_argument("--no-bare", action="store_true", help="engine: skip the bare loop")
         p.add_argument("--isa", choices=["", "avx2"], default="", help="children see an AVX2-only CPU (jobs/isa_cap.py)")
+        p.add_argument("--background", type=int, default=0, metavar="N",
+                       help="engine, cli: N low-priority (nice 19) busy loops run throughout, as on a shared desktop")
     p = sub.add_parser("memory")
     p.add_argument("--small", type=int, default=20)
     p.add_argument("--large", type=int, default=200)
