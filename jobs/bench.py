@@ -331,7 +331,9 @@ def child_ray_job(argv: list[str], start_first: bool = False) -> dict:
     if start_first:
         import ray
         t = time.perf_counter()
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        from ripper_dist.ray_pipeline import WORKER_NICENESS
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", _system_config={"worker_niceness": WORKER_NICENESS})  # as the job starts it
         ray_start = time.perf_counter() - t
     base, peak, stop = _shm_used(), [0], threading.Event()
 
@@ -645,7 +647,8 @@ def bench_pipeline(args) -> None:
     started = subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                               "--num-cpus", str(cores),
                               "--include-dashboard", "false", "--disable-usage-stats"], capture_output=True, text=True,
-                             env=os.environ | {"RAY_AUTH_MODE": "disabled"})  # a loopback-only benchmark cluster
+                             env=os.environ | {"RAY_AUTH_MODE": "disabled",  # a loopback-only benchmark cluster
+                                               "RAY_worker_niceness": "0"})  # as cluster.yaml starts Ray
     if started.returncode:
         raise RuntimeError(started.stderr)
     rows = []

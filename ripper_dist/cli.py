@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="execution providers that start here (and why not), GPUs seen by NVML and "
                                       "Ray, CPU backends")
     p.add_argument("-d", "--device", help="exit 1 unless this device (cpu, cuda, tensorrt) starts")
-    p.add_argument("--address", help="also count the GPUs of this Ray cluster")
+    p.add_argument("--address", help="also count the GPUs of this Ray cluster and read its workers' niceness")
 
     p = sub.add_parser("separate", help="separate tracks into stems", epilog=EXAMPLES, formatter_class=fmt)
     _add_separate_args(p)

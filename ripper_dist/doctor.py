@@ -118,7 +118,12 @@ def ray_gpus(address: str | None = None) -> str:
             import ray
             ray.init(address=address, logging_level="ERROR")
             try:
-                return f"cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPUs"
+                from .ray_pipeline import WORKER_NICENESS, workers_niceness
+                nice = workers_niceness()
+                note = ("" if nice is None else f"; workers at nice {nice}" + (
+                    "" if nice <= WORKER_NICENESS else " (Ray's default: other work takes CPU from them; start "
+                                                       "Ray with RAY_worker_niceness=0, as cluster.yaml does)"))
+                return f"cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPUs{note}"
             finally:
                 ray.shutdown()
         from ray._private.accelerators import get_accelerator_manager_for_resource

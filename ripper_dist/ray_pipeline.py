@@ -31,6 +31,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -313,6 +314,36 @@ class NativeStderrToFile:
         self._saved_fd = None
 
 
+#: Ray starts its workers at nice 15 by default, so its own daemons stay responsive. Here the workers are the job's
+#: compute: at nice 15 any low-priority work on the machine (a nice-19 build, an indexer) takes a third or more of
+#: their CPU (docs/BENCHMARKS.md, "Shared machines"). A Ray started here runs them at normal priority; a cluster's
+#: `ray start` needs RAY_worker_niceness=0 in its environment (cluster.yaml sets it), and the job warns otherwise.
+WORKER_NICENESS = 0
+
+
+def workers_niceness(timeout: float = 30.0) -> int | None:
+    """The niceness of this cluster's worker processes (a zero-CPU task reads it), or None if it cannot be read."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+    try:
+        return int(ray.get(niceness.remote(), timeout=timeout))
+    except Exception:  # noqa: BLE001 - a check, never a reason to fail the job
+        return None
+
+
+def warn_if_workers_niced(out=None) -> int | None:
+    """Say so when the connected cluster runs its workers below normal priority (Ray's default)."""
+    nice = workers_niceness()
+    if nice is not None and nice > WORKER_NICENESS:
+        print(f"warning: this Ray cluster runs its workers at nice {nice} (Ray's default), so other work on its "
+              f"machines takes CPU from the separation; start Ray with RAY_worker_niceness=0 in the environment "
+              f"(as cluster.yaml does)", file=out or sys.stderr, flush=True)
+    return nice
+
+
 class RayEngine:
     """The Ray this command uses: an existing cluster (`--address`, RAY_ADDRESS) or an embedded one it starts and
     stops. Ray Data's global `DataContext` is set for the job and restored after it. Unless `-v`, Ray's own native
@@ -350,8 +381,10 @@ class RayEngine:
             address = self.opts.ray_address()
             if address:
                 ray.init(address=address, **kwargs)
+                warn_if_workers_niced()
             else:
-                ray.init(address="local", num_cpus=self.opts.num_cpus or os.cpu_count(), **kwargs)
+                ray.init(address="local", num_cpus=self.opts.num_cpus or os.cpu_count(),
+                         _system_config={"worker_niceness": WORKER_NICENESS}, **kwargs)
             self.started_here = True
 
     def data_context(self, block_bytes: int) -> None:

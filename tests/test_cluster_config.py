@@ -24,6 +24,10 @@ def test_cluster_yaml_matches_ray_schema():
     # workers get the runtime only (no torch); the head, which exports, gets the export extra
     assert not any("[export" in c for c in cfg["setup_commands"])
     assert any("[export]" in c for c in cfg["head_setup_commands"])
+    # every node's Ray runs its workers at normal priority (Ray's default nice 15 yields to any background work)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_worker_niceness=0 " in c for c in starts), key
 
 
 def test_cluster_yaml_prepared_like_ray_up():

@@ -38,3 +38,16 @@ def test_report_every_provider_with_a_verdict(capsys):
         assert main(["doctor", "-d", "cuda"]) == (0 if lines["CUDAExecutionProvider"][0] == "OK  " else 1)
         if lines["CUDAExecutionProvider"][0] == "FAIL":
             assert "--device cuda: cannot start here" in capsys.readouterr().out
+
+
+def test_cluster_address_reports_gpus_and_workers_niceness(capsys):
+    import ray
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2})  # Ray's default nice 15
+    try:
+        assert main(["doctor", "--address", cluster.address]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Ray: "))
+        assert f"cluster at {cluster.address}: 2 GPUs; workers at nice 15" in line and "RAY_worker_niceness=0" in line
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
