@@ -82,7 +82,11 @@ def main(argv=None) -> int:
     if not cmd:
         ap.error("give a command after --, or --check")
     child_env = os.environ | env() | ({"ISA_CAP_REPORT": "1"} if args.check else {})
-    return subprocess.run(cmd, env=child_env).returncode
+    try:
+        return subprocess.run(cmd, env=child_env).returncode
+    except FileNotFoundError:
+        print(f"isa_cap: {cmd[0]}: command not found", file=sys.stderr)
+        return 127
 
 
 if __name__ == "__main__":

@@ -98,3 +98,6 @@ def test_cli_runs_a_command_capped_and_passes_its_exit_code(tmp_path):
     bad = subprocess.run([sys.executable, str(JOBS / "isa_cap.py")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "give a command" in bad.stderr
+    missing = subprocess.run([sys.executable, str(JOBS / "isa_cap.py"), "--", "no-such-command-here"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == (127 if want == 0 else 3), missing.stderr
