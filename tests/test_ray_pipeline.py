@@ -43,8 +43,10 @@ def env(tmp_path_factory):
     (inp / "corrupt.flac").write_bytes(os.urandom(3000))
     long = write_tone(d / "one" / "long.wav", 33.3 + 7 / 44100, seed=5)  # alone: spans over the actors
     local = d / "local"
+    # --backend ort: the tests that inject runners (onnx_runners) run ONNX Runtime, and `auto` may pick OpenVINO for
+    # this tiny graph on timing noise (~115 dB apart), so every reference and every Ray run here names the backend.
     common = ["--engine", "local", "--no-progress", "--repo", str(repo), "-n", "tiny", "--subtype", "FLOAT",
-              "--clip-mode", "none"]
+              "--clip-mode", "none", "--backend", "ort"]
     main(["separate", *common, "-o", str(local), str(inp)])
     main(["separate", *common, "-o", str(d / "local_one"), str(long)])
     return SimpleNamespace(dir=d, repo=repo, inp=inp, local=local, long=long, local_one=d / "local_one")
@@ -52,7 +54,7 @@ def env(tmp_path_factory):
 
 def _argv(env, out, *extra, inputs=None):
     return ["separate", "--no-progress", "-o", str(out), "--repo", str(env.repo), "-n", "tiny", "--subtype", "FLOAT",
-            "--clip-mode", "none", *map(str, extra), *(map(str, inputs) if inputs else [str(env.inp)])]
+            "--clip-mode", "none", "--backend", "ort", *map(str, extra), *(map(str, inputs) if inputs else [str(env.inp)])]
 
 
 def _ray(env, out, *extra, inputs=None):
@@ -178,7 +180,7 @@ def test_node_killed_mid_run_every_track_done_once(env):
     node = cluster.add_node(num_cpus=2)
     out = env.dir / "nodekill"
     try:
-        opts = SeparateOptions(inputs=(str(env.inp),), out=out, model="tiny", repo=env.repo, subtype="FLOAT",
+        opts = SeparateOptions(inputs=(str(env.inp),), out=out, model="tiny", repo=env.repo, subtype="FLOAT", backend="ort",
                                clip_mode="none", engine="ray", address=cluster.address, actors=2, threads=1,
                                progress=False)
         job = plan_job(opts)
@@ -266,7 +268,7 @@ def test_one_actor_per_logical_gpu(env):
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
         out = env.dir / "gpus"
-        opts = SeparateOptions(inputs=(str(env.inp),), out=out, model="tiny", repo=env.repo, subtype="FLOAT",
+        opts = SeparateOptions(inputs=(str(env.inp),), out=out, model="tiny", repo=env.repo, subtype="FLOAT", backend="ort",
                                clip_mode="none", engine="ray", device="CUDA", batch_size=1, progress=False)
         run_ray(plan_job(opts), make_runners=_cpu_runners)
         df = _same_bytes(out, env.local)
