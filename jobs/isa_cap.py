@@ -5,7 +5,7 @@
 torch and oneDNN (so OpenVINO) have switches that cap their kernels; ONNX Runtime's MLAS has none and reads CPUID
 itself, so `isa_cap.c` (built here with the system C compiler, once per source version) hides the AVX-512 bits of
 CPUID from the whole process through Linux's CPUID faulting. `env()` is what `jobs/bench.py --isa avx2` gives its
-children; `--check` prints what the capped process sees (torch's and ONNX Runtime's view of the CPU).
+children; `--check` prints what a capped Python sees (torch's dispatch level) and which CPUID leaves it asked.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def env(cache: Path | None = None, base: dict | None = None) -> dict[str, str]:
 
 
 CHECK = r"""
-import json, onnxruntime, numpy as np
+import json, onnxruntime
 out = {"onnxruntime": onnxruntime.__version__}
 try:
     import torch

@@ -118,11 +118,10 @@ def ray_gpus(address: str | None = None) -> str:
             import ray
             ray.init(address=address, logging_level="ERROR")
             try:
-                from .ray_pipeline import WORKER_NICENESS, workers_niceness
+                from .ray_pipeline import niceness_advice, workers_niceness
                 nice = workers_niceness()
-                note = ("" if nice is None else f"; workers at nice {nice}" + (
-                    "" if nice <= WORKER_NICENESS else " (Ray's default: other work takes CPU from them; start "
-                                                       "Ray with RAY_worker_niceness=0, as cluster.yaml does)"))
+                advice = niceness_advice(nice)
+                note = "" if nice is None else f"; workers at nice {nice}" + (f" ({advice})" if advice else "")
                 return f"cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPUs{note}"
             finally:
                 ray.shutdown()

@@ -334,13 +334,20 @@ def workers_niceness(timeout: float = 30.0) -> int | None:
         return None
 
 
+def niceness_advice(nice: int | None) -> str:
+    """What to do about workers at `nice` ('' when they run at normal priority or it is unknown)."""
+    if nice is None or nice <= WORKER_NICENESS:
+        return ""
+    return ("other work on its machines takes CPU from them (Ray's default is nice 15); start Ray with "
+            "RAY_worker_niceness=0 in the environment, as cluster.yaml does")
+
+
 def warn_if_workers_niced(out=None) -> int | None:
     """Say so when the connected cluster runs its workers below normal priority (Ray's default)."""
     nice = workers_niceness()
-    if nice is not None and nice > WORKER_NICENESS:
-        print(f"warning: this Ray cluster runs its workers at nice {nice} (Ray's default), so other work on its "
-              f"machines takes CPU from the separation; start Ray with RAY_worker_niceness=0 in the environment "
-              f"(as cluster.yaml does)", file=out or sys.stderr, flush=True)
+    if niceness_advice(nice):
+        print(f"warning: this Ray cluster runs its workers at nice {nice}: {niceness_advice(nice)}",
+              file=out or sys.stderr, flush=True)
     return nice
 
 

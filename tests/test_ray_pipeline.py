@@ -306,21 +306,21 @@ def test_auto_engine(env, monkeypatch):
     assert pd.read_parquet(out / "metadata.parquet").engine.tolist() == ["local"]
 
 
-def test_workers_run_at_normal_priority_and_a_niced_cluster_is_named(capsys):
+def test_workers_run_at_normal_priority_and_a_niced_cluster_is_named(capsys, tmp_path):
     """Ray starts workers at nice 15; there any low-priority work on the machine takes CPU from the actors
     (docs/BENCHMARKS.md, "Shared machines"). A Ray the job starts runs them at 0; a cluster that nices them is said."""
     from ray.cluster_utils import Cluster
 
     from ripper_dist.ray_pipeline import RayEngine, workers_niceness
     assert not ray.is_initialized()
-    with RayEngine(SeparateOptions(num_cpus=2)) as engine:
+    with RayEngine(SeparateOptions(num_cpus=2, out=tmp_path / "a")) as engine:  # OUT gets Ray's native log
         assert engine.started_here and workers_niceness() == 0
     assert not ray.is_initialized()
     assert "nice" not in capsys.readouterr().err
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # as `ray start` with Ray's defaults
     try:
-        with RayEngine(SeparateOptions(address=cluster.address)):
+        with RayEngine(SeparateOptions(address=cluster.address, out=tmp_path / "b")):
             assert workers_niceness() == 15
         err = capsys.readouterr().err
         assert "runs its workers at nice 15" in err and "RAY_worker_niceness=0" in err
