@@ -187,6 +187,29 @@ def export_demucs_member(checkpoint: Path, *, segment: float | None, opset: int 
     return cached_graph(out, make)
 
 
+def demucs_shape(source: DemucsSource) -> tuple[list[str], float] | None:
+    """(sources, longest usable segment in seconds) of a local Demucs model, read from its checkpoints' kwargs with
+    the safe loader (nothing from the file is executed; ~0.3 s for a released-size file), so that --stems, --two-stems
+    and --segment are refused before a half-minute export. The segment rule is the export's: a bag's `segment`
+    applies to a member whose own is longer. None where the export side (torch) is not installed: the export would
+    stop with its own message anyway."""
+    try:
+        safe_load = _export_side("safe_load")
+    except ExportUnavailable:
+        return None
+    sources, segment = None, None
+    for member in source.members:
+        kwargs = safe_load.load_demucs_package(member.path)["kwargs"]
+        if "sources" not in kwargs:
+            return None
+        own = float(kwargs.get("segment", 10))  # HTDemucs' constructor default
+        if source.segment is not None and source.segment <= own:
+            own = float(source.segment)
+        sources = sources or [str(s) for s in kwargs["sources"]]
+        segment = own if segment is None else min(segment, own)
+    return (sources, segment) if sources is not None else None
+
+
 def _report_export(path: Path, t0: float) -> None:
     from .onnx_model import read_info
     parity = read_info(path).raw.get("ripper.parity_sdr_db")

@@ -34,11 +34,37 @@ def export_model(opts) -> ExportedModel:
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:
             raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
+        _check_before_export(opts, lambda: _roformer_shape(Path(args.config)), Path(args.checkpoint).stem)
         return with_precision(export_roformer(args.model, Path(args.config), Path(args.checkpoint), explain=explain),
                               precision)
     from .sources import resolve_demucs
     source = resolve_demucs(args.model, repo=args.repo, checkpoint=args.checkpoint)
+    if args.repo is not None or args.checkpoint is not None:  # released names were checked by the options
+        from .export_cache import demucs_shape
+        _check_before_export(opts, lambda: demucs_shape(source), source.name)
     return with_precision(export_demucs_source(source, explain=explain), precision)
+
+
+def _roformer_shape(config: Path) -> tuple[list[str], None] | None:
+    """The stems a RoFormer config makes (its YAML, read safely: no torch needed); RoFormer takes no --segment.
+    None for a config without instrument names (the export names the stems then)."""
+    from ripper_export.roformer_config import load_roformer_config
+
+    from .msst_chunking import output_stems
+    cfg = load_roformer_config(config)
+    if not cfg.instruments and not cfg.target_instrument:
+        return None
+    return output_stems(cfg.instruments, cfg.target_instrument), None
+
+
+def _check_before_export(opts, shape, label: str) -> None:
+    """Refuse stem/segment options the model cannot honour before exporting it (seconds to minutes), from what its
+    checkpoint or config says. Only options objects that have such options (`SeparateOptions`) are checked."""
+    if not hasattr(opts, "check_model_shape"):
+        return
+    found = shape()
+    if found is not None:
+        opts.check_model_shape(label, *found)
 
 
 @dataclass

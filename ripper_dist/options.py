@@ -229,15 +229,20 @@ class SeparateOptions:
         """What can be checked against a released model's known shape before it is downloaded or exported."""
         from .sources import released_info
         info = released_info(model)
-        if self.segment is not None and self.segment > info["segment_s"]:
-            raise ValueError(f"--segment: {self.segment:g} s is longer than {model}'s {info['segment_s']:g} s "
+        self.check_model_shape(model, info["sources"], info["segment_s"])
+
+    def check_model_shape(self, model: str, sources, segment_s: float | None) -> None:
+        """--stems/--two-stems/--segment against a model's stems and longest segment (None: no Demucs segment), known
+        before it is exported: from the released models' table, or read from a local checkpoint or config."""
+        if segment_s is not None and self.segment is not None and self.segment > segment_s + 1e-9:
+            raise ValueError(f"--segment: {self.segment:g} s is longer than {model}'s {segment_s:g} s "
                              "(a Transformer model cannot use a longer segment than it was trained for)")
         for option, wanted in (("--stems", self.stems or ()), ("--two-stems", (self.two_stems,) if self.two_stems
                                                                 else ())):
-            unknown = [s for s in wanted if s not in info["sources"]]
+            unknown = [s for s in wanted if s not in sources]
             if unknown:
                 raise ValueError(f"{option}: {model} has no {', '.join(unknown)} (it has "
-                                 f"{', '.join(info['sources'])})")
+                                 f"{', '.join(sources)})")
 
     def check_model_names(self) -> None:
         """A plain `-n` name without --repo/--checkpoint must be a released model (checked before OUT is created;
