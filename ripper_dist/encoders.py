@@ -1,7 +1,7 @@
 """Output formats: which can be written here, and an encoder for each, all through maintained libraries.
 
 WAV, FLAC, Ogg Vorbis, Ogg Opus and MP3 go through soundfile (libsndfile: MP3 needs libsndfile >= 1.1, which the
-soundfile wheels bundle); M4A (AAC) through PyAV (FFmpeg's encoder, the `formats` extra). No encoder is written here:
+soundfile wheels bundle); M4A (AAC) through PyAV (FFmpeg's encoder; a core dependency, which also decodes the inputs libsndfile cannot). No encoder is written here:
 this module only maps `--format/--subtype/--bitrate` onto those libraries and says clearly when one is missing.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def unavailable(fmt: str) -> str | None:
         try:
             import av  # noqa: F401
         except ImportError:
-            return "m4a needs PyAV: pip install 'ripper-dist[formats]' (or pip install av)"
+            return "m4a needs PyAV, a dependency of ripper-dist that is missing here: pip install av"
         return None
     import soundfile as sf
     if f.container not in sf.available_formats() or f.subtypes[0] not in sf.available_subtypes(f.container):
