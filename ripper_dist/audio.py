@@ -6,10 +6,15 @@ outside the track). It decodes only the input range that the window needs plus a
 at once (bit-identical in practice for common rates). Channel conversion follows upstream `convert_audio_channels`
 (mono is duplicated; more channels than the model has: the first ones), done before resampling as upstream does.
 
-Seeking is used only for formats where libsndfile seeks sample-accurately (PCM containers and FLAC). MP3 and Ogg
-(Vorbis/Opus) seeks are not exact in libsndfile (measured: wrong samples after a seek, and an offset near the end of
-Vorbis files), so those are decoded sequentially: reads that move forward (the order the engine reads in) cost one
-decode of the file in total; a read that goes backwards restarts the decode from the beginning.
+Decoders: libsndfile for what it reads (wav, flac, ogg, opus, mp3, aiff, w64, caf...), FFmpeg through PyAV for
+everything else (`ffmpeg_decode`: m4a/mp4/mov, mkv/webm, wma, ac3, wv... and the sound of video files), both behind
+the same `seek`/`read` interface, so the resampling and channel rules below are the same for every format.
+
+Seeking is used only where it is sample-accurate: libsndfile's PCM containers and FLAC, and the FFmpeg formats of
+`ffmpeg_decode.SEEKABLE`. MP3 and Ogg (Vorbis/Opus) seeks are not exact in libsndfile (measured: wrong samples after
+a seek, and an offset near the end of Vorbis files), so those, like FFmpeg's non-seekable formats, are decoded
+sequentially: reads that move forward (the order the engine reads in) cost one decode of the file in total; a read
+that goes backwards restarts the decode from the beginning.
 
 Writing: `StemWriter` takes model-rate blocks in order, resamples them to the output rate with `soxr.ResampleStream`
 (identical to one-shot `soxr.resample`), converts the channels (mono input -> mean of the model channels) and writes
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +95,21 @@ class AudioInfo:
     channels: int
     frames: int
     duration_s: float
-    format: str
-    subtype: str
+    format: str        # libsndfile's format name (WAV, FLAC...), or "FFMPEG"
+    subtype: str       # libsndfile's subtype (PCM_16, VORBIS...), or the FFmpeg codec name upper-cased
+    container: str = ""  # for the manifest, every backend: wav, flac, ogg, m4a, matroska, webm, asf...
+    codec: str = ""      # FFmpeg's codec names, every backend: pcm_s16le, flac, vorbis, mp3, aac, alac, opus...
+    backend: str = "libsndfile"  # libsndfile | ffmpeg
+    seekable: bool | None = None  # ffmpeg: windows read by seeking (ffmpeg_decode.SEEKABLE)
+
+
+# libsndfile subtypes under FFmpeg's codec names (the manifest's input_codec is one vocabulary for both backends)
+_SF_CODECS = {"PCM_S8": "pcm_s8", "PCM_U8": "pcm_u8", "PCM_16": "pcm_s16le", "PCM_24": "pcm_s24le",
+              "PCM_32": "pcm_s32le", "FLOAT": "pcm_f32le", "DOUBLE": "pcm_f64le", "ULAW": "pcm_mulaw",
+              "ALAW": "pcm_alaw", "VORBIS": "vorbis", "OPUS": "opus", "MPEG_LAYER_I": "mp1",
+              "MPEG_LAYER_II": "mp2", "MPEG_LAYER_III": "mp3", "IMA_ADPCM": "adpcm_ima_wav",
+              "MS_ADPCM": "adpcm_ms", "GSM610": "gsm_ms", "ALAC_16": "alac", "ALAC_20": "alac", "ALAC_24": "alac",
+              "ALAC_32": "alac"}
 
 
 def probe(path: str | os.PathLike) -> AudioInfo:
@@ -107,14 +126,37 @@ def probe(path: str | os.PathLike) -> AudioInfo:
     try:
         info = sf.info(str(p))
     except Exception as e:  # soundfile raises LibsndfileError (a RuntimeError) or others for junk
-        raise AudioError(f"{p}: not a readable audio file ({_clean(e)})") from None
+        return _probe_ffmpeg(p, _clean(e))
     if info.samplerate <= 0 or info.channels <= 0:
         raise AudioError(f"{p}: invalid header (sample rate {info.samplerate}, channels {info.channels})")
     if info.frames <= 0:
         raise AudioError(f"{p}: no audio frames (empty or truncated file)")
+    fmt, subtype = str(info.format), str(info.subtype)
     return AudioInfo(sample_rate=int(info.samplerate), channels=int(info.channels), frames=int(info.frames),
-                     duration_s=float(info.frames) / float(info.samplerate), format=str(info.format),
-                     subtype=str(info.subtype))
+                     duration_s=float(info.frames) / float(info.samplerate), format=fmt, subtype=subtype,
+                     container=fmt.lower(), codec="flac" if fmt == "FLAC" else _SF_CODECS.get(subtype, subtype.lower()))
+
+
+def _probe_ffmpeg(p: Path, sf_reason: str) -> AudioInfo:
+    """What libsndfile cannot read, through FFmpeg; an empty file or junk keeps libsndfile's one-line reason."""
+    from .ffmpeg_decode import probe_ffmpeg
+    try:
+        if p.stat().st_size == 0:
+            raise AudioError(f"{p}: not a readable audio file ({sf_reason})")
+        f = probe_ffmpeg(p)
+    except AudioError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else FFmpeg/PyAV raises on a file it cannot use
+        raise (_decode_error(e) or AudioError(f"{p}: not a readable audio file ({_clean(e)})")) from None
+    return AudioInfo(sample_rate=f.sample_rate, channels=f.channels, frames=f.frames,
+                     duration_s=f.frames / f.sample_rate, format="FFMPEG", subtype=f.codec.upper(),
+                     container=f.container, codec=f.codec, backend="ffmpeg", seekable=f.seekable)
+
+
+def _decode_error(e: Exception) -> AudioError | None:
+    """`ffmpeg_decode.DecodeError` (one line naming the file) as an AudioError; None for anything else."""
+    mod = sys.modules.get("ripper_dist.ffmpeg_decode")
+    return AudioError(str(e)) if mod is not None and isinstance(e, mod.DecodeError) else None
 
 
 def _clean(e: Exception) -> str:
@@ -178,7 +220,9 @@ class AudioReader:
         # Input samples decoded beyond each side of a window so that soxr's filter sees the same input as it does in
         # the whole file (measured: 512 suffice for common ratios; keep a wide safety factor).
         self.margin = int(margin) if margin is not None else max(4096, int(0.05 * self.info.sample_rate))
-        if seekable is None:
+        if seekable is None and self.info.backend == "ffmpeg":
+            seekable = bool(self.info.seekable)
+        elif seekable is None:
             seekable = self.info.format in _SEEKABLE_FORMATS and self.info.subtype not in _LOSSY_SUBTYPES
         self.seekable = bool(seekable)
         # sequential mode: model-rate samples before the latest read that stay decoded (default 30 s)
@@ -201,21 +245,34 @@ class AudioReader:
             self._file.close()
             self._file = None
 
-    def _open(self) -> sf.SoundFile:
+    def _open(self):
+        """The decoder: a `soundfile.SoundFile`, or an `ffmpeg_decode.FFmpegSource` (the same seek/read/close)."""
         if self._file is None:
-            try:
-                self._file = sf.SoundFile(str(self.path))
-            except Exception as e:
-                raise AudioError(f"{self.path}: cannot open ({_clean(e)})") from None
+            if self.info.backend == "ffmpeg":
+                from .ffmpeg_decode import FFmpegSource, probe_ffmpeg
+                # seekable: a window of recent samples stays decoded for reads that step back (overlapping chunks,
+                # another sub-model's batches); sequential: `_decode_sequential` keeps that history itself
+                keep = self._history_frames() if self.seekable else 0
+                try:
+                    self._file = FFmpegSource(self.path, probe_ffmpeg(self.path), keep=keep)
+                except Exception as e:
+                    raise (_decode_error(e) or AudioError(f"{self.path}: cannot open ({_clean(e)})")) from None
+            else:
+                try:
+                    self._file = sf.SoundFile(str(self.path))
+                except Exception as e:
+                    raise AudioError(f"{self.path}: cannot open ({_clean(e)})") from None
             self._pos = 0
         return self._file
 
     # -- decoding (input rate, file channels) ---------------------------------------------------------------------------
-    def _read_frames(self, f: sf.SoundFile, n: int) -> np.ndarray:
+    def _read_frames(self, f, n: int) -> np.ndarray:
         try:
             data = f.read(n, dtype="float32", always_2d=True)
+        except AudioError:
+            raise
         except Exception as e:
-            raise AudioError(f"{self.path}: decoding failed ({_clean(e)})") from None
+            raise _decode_error(e) or AudioError(f"{self.path}: decoding failed ({_clean(e)})") from None
         self._pos += data.shape[0]
         return data
 
@@ -226,8 +283,10 @@ class AudioReader:
             f = self._open()
             try:
                 f.seek(i0)
+            except AudioError:
+                raise
             except Exception as e:
-                raise AudioError(f"{self.path}: seek failed ({_clean(e)})") from None
+                raise _decode_error(e) or AudioError(f"{self.path}: seek failed ({_clean(e)})") from None
             self._pos = i0
             data = self._read_frames(f, n)
         else:

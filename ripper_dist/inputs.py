@@ -16,7 +16,16 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus", ".w64", ".caf"}
+#: read by libsndfile
+SNDFILE_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus", ".w64", ".caf"}
+#: read by FFmpeg (`ffmpeg_decode`): audio containers and raw streams, and video files (their first audio stream).
+#: Not `.ts` (TypeScript sources are commoner than MPEG transport streams in a folder); name such a file directly.
+FFMPEG_EXTENSIONS = {".m4a", ".m4b", ".m4r", ".mp4", ".m4v", ".mov", ".3gp", ".3g2", ".mkv", ".mka", ".webm",
+                     ".wma", ".wmv", ".asf", ".aac", ".adts", ".ac3", ".eac3", ".ec3", ".dts", ".thd", ".mlp",
+                     ".wv", ".ape", ".tta", ".tak", ".mpc", ".mp2", ".mpa", ".mp1", ".spx", ".amr", ".au", ".snd",
+                     ".aifc", ".rf64", ".dsf", ".dff", ".ra", ".rm", ".avi", ".flv", ".mpg", ".mpeg", ".vob",
+                     ".m2ts", ".mts", ".ogv", ".voc", ".gsm"}
+AUDIO_EXTENSIONS = SNDFILE_EXTENSIONS | FFMPEG_EXTENSIONS
 LIST_EXTENSIONS = {".txt", ".csv", ".parquet"}
 
 
@@ -103,13 +112,23 @@ def _walk(folder: Path, ignored: dict[str, int] | None = None) -> list[Path]:
 
 
 def _check_readable(path: Path) -> None:
+    """A file with an extension we do not scan for, named on the command line: read now if libsndfile or FFmpeg
+    (an audio stream) can read it, else a one-line error before any model is loaded."""
     import soundfile as sf
     try:
         sf.info(str(path))
-    except Exception:  # noqa: BLE001 - libsndfile says little more than "unknown format"
-        raise ValueError(f"input {path}: {path.suffix or 'this'} files are not readable here (readable: "
-                         f"{' '.join(sorted(AUDIO_EXTENSIONS))}); convert it, e.g. ffmpeg -i {path.name} "
-                         f"{path.stem}.flac") from None
+        return
+    except Exception:  # noqa: BLE001 - libsndfile says little more than "unknown format"; FFmpeg may read it
+        pass
+    try:
+        import av
+        with av.open(str(path)) as c:
+            if c.streams.audio:
+                return
+    except Exception:  # noqa: BLE001 - av.FFmpegError: not a media file
+        pass
+    raise ValueError(f"input {path}: {path.suffix or 'this'} files are not readable here (neither libsndfile nor "
+                     f"FFmpeg finds audio in it); convert it, e.g. ffmpeg -i {path.name} {path.stem}.flac") from None
 
 
 def expand_inputs(specs: list[str]) -> list[Path]:
@@ -134,7 +153,7 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     if not out and ignored:
         found = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
         raise ValueError(f"no supported audio in {', '.join(specs)}: found {found}; readable: "
-                         f"{' '.join(sorted(AUDIO_EXTENSIONS))} (convert others, e.g. ffmpeg -i in.m4a out.flac)")
+                         f"{' '.join(sorted(AUDIO_EXTENSIONS))} (name another file directly to try it)")
     seen, unique = set(), []
     for p in out:
         key = str(p.resolve()) if p.exists() else str(p.absolute())

@@ -36,6 +36,8 @@ SCHEMA = pa.schema([
     ("input_size", pa.int64()),
     ("input_mtime_ns", pa.int64()),
     ("input_sha256", pa.string()),
+    ("input_container", pa.string()),  # as decoded: wav, flac, ogg, m4a, mp4, matroska, webm, asf... (None: older rows)
+    ("input_codec", pa.string()),      # FFmpeg's codec name for every backend: pcm_s16le, flac, mp3, aac, alac, opus...
     ("started_at", pa.timestamp("ms", tz="UTC")),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
     ("elapsed_s", pa.float64()),
@@ -136,7 +138,8 @@ class RowContext:
         return self.base(input_path, track) | {
             "status": "done", "error": None, "duration_s": plan.duration_s, "sample_rate": plan.in_rate,
             "channels": plan.in_channels, "stem_paths": {s: str(Path(p).relative_to(self.out_dir)) for s, p in paths.items()},
-            "input_sha256": plan.input_sha256, "started_at": started, "finished_at": finished, "elapsed_s": elapsed,
+            "input_sha256": plan.input_sha256, "input_container": getattr(plan, "container", None) or None,
+            "input_codec": getattr(plan, "codec", None) or None, "started_at": started, "finished_at": finished, "elapsed_s": elapsed,
             "realtime_x": plan.duration_s / elapsed, "separate_s": elapsed, "node": node, "worker": worker} | extra
 
 

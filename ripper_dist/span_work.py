@@ -31,6 +31,8 @@ class TrackPlan:
     state: dict = field(default_factory=dict)  # the family's per-track values (Demucs: normalisation statistics)
     input_size: int = -1      # the input as planned: a file changed or deleted before its stems are published fails
     input_mtime_ns: int = -1
+    container: str = ""       # for the row (input_container, input_codec); "" from a reader that does not say
+    codec: str = ""
 
     def to_row(self) -> dict:
         d = asdict(self)
@@ -81,7 +83,7 @@ def plan_track(family: Family, reader, n_spans: Callable[[int], int] | int = 1, 
     return TrackPlan(length=reader.length, in_rate=info.sample_rate, frames=info.frames, in_channels=info.channels,
                      duration_s=info.duration_s, input_sha256=sha256 or sha256_file(reader.path),
                      spans=tuple(family.spans(reader.length, count)), state=state, input_size=size,
-                     input_mtime_ns=mtime)
+                     input_mtime_ns=mtime, container=getattr(info, "container", ""), codec=getattr(info, "codec", ""))
 
 
 def run_span(family: Family, runners, reader, plan: TrackPlan, span: int, batch_size: int, sink,

@@ -42,12 +42,37 @@ def test_unique_stable_track_names(tmp_path):
 
 
 def test_unsupported_files_are_named_before_anything_runs(tmp_path):
-    for name in ("a.m4a", "b.m4a", "notes.txt"):
+    for name in ("a.xyz", "b.xyz", "notes.txt"):
         _touch(tmp_path / "album" / name)
-    with pytest.raises(ValueError, match=r"no supported audio in .*album: found 2 \.m4a, 1 \.txt"):
+    with pytest.raises(ValueError, match=r"no supported audio in .*album: found 2 \.xyz, 1 \.txt"):
         expand_inputs([str(tmp_path / "album")])
-    with pytest.raises(ValueError, match=r"a\.m4a: \.m4a files are not readable"):
-        expand_inputs([str(tmp_path / "album" / "a.m4a")])
+    with pytest.raises(ValueError, match=r"a\.xyz: \.xyz files are not readable"):
+        expand_inputs([str(tmp_path / "album" / "a.xyz")])
+
+
+def test_ffmpeg_formats_are_scanned(tmp_path):
+    """A folder of m4a/video/wma/ac3/wv... files is audio now (FFmpeg reads them): found by the scan, and each one
+    that turns out not to be readable is a failed row later, not a refusal of the whole folder."""
+    names = ["a.m4a", "b.mp4", "c.mkv", "d.webm", "e.wma", "f.ac3", "g.wv", "h.MOV", "i.aac", "j.ape", "k.tta"]
+    for name in names + ["notes.txt", "code.ts"]:
+        _touch(tmp_path / "album" / name)
+    assert [p.name for p in expand_inputs([str(tmp_path / "album")])] == names
+
+
+def test_an_unlisted_extension_named_directly_is_read_if_ffmpeg_can(tmp_path):
+    """A .bin holding WAV data (libsndfile) or an MP4 (FFmpeg): accepted when named on the command line."""
+    import av
+    import numpy as np
+    import soundfile as sf
+    sf.write(tmp_path / "pcm.bin", np.zeros((100, 1), np.float32), 8000, format="WAV")
+    with av.open(str(tmp_path / "aac.bin"), "w", format="mp4") as out:
+        s = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        for pkt in [*s.encode(frame), *s.encode(None)]:
+            out.mux(pkt)
+    got = expand_inputs([str(tmp_path / "pcm.bin"), str(tmp_path / "aac.bin")])
+    assert [p.name for p in got] == ["pcm.bin", "aac.bin"]
 
 
 def test_lists_name_files_only(tmp_path):
