@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .roformer_config import COMMON_KEYS, FAMILY_KEYS, IGNORED_KEYS, unknown_keys, unsupported_options
 from .stft import RealISTFT, RealSTFT
 
 __all__ = [
@@ -57,20 +58,8 @@ DEFAULT_FREQS_PER_BANDS = (
     (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129)
 )
 
-# Keys that never change the inference function (training losses, kernels, checkpointing, dropouts).
-_IGNORED_KEYS = frozenset({
-    "flash_attn", "sage_attention", "attn_dropout", "ff_dropout", "dim_freqs_in", "use_torch_checkpoint",
-    "multi_stft_resolution_loss_weight", "multi_stft_resolutions_window_sizes", "multi_stft_hop_size",
-    "multi_stft_normalized", "multi_stft_window_fn", "match_input_audio_length",
-})
-_COMMON_KEYS = frozenset({
-    "dim", "depth", "stereo", "num_stems", "time_transformer_depth", "freq_transformer_depth",
-    "linear_transformer_depth", "dim_head", "heads", "stft_n_fft", "stft_hop_length", "stft_win_length",
-    "stft_normalized", "stft_window_fn", "zero_dc", "mask_estimator_depth", "mlp_expansion_factor",
-    "skip_connection", "use_pope",
-})
-_FAMILY_KEYS = {"mel_band_roformer": frozenset({"num_bands", "sample_rate"}),
-                "bs_roformer": frozenset({"freqs_per_bands"})}
+# The key rules live torch-free in roformer_config (the runtime's model catalogue reads them too).
+_IGNORED_KEYS, _COMMON_KEYS, _FAMILY_KEYS = IGNORED_KEYS, COMMON_KEYS, FAMILY_KEYS
 
 
 class RoformerKeyError(KeyError):
@@ -144,18 +133,10 @@ class RoformerSpec:
         if family not in FAMILIES:
             raise ValueError(f"unknown RoFormer family {family!r}; expected one of {FAMILIES}")
         kwargs = dict(kwargs)
-        allowed = _COMMON_KEYS | _FAMILY_KEYS[family] | _IGNORED_KEYS
-        unknown = sorted(set(kwargs) - allowed)
+        unknown = unknown_keys(family, kwargs)
         if unknown:
             raise ValueError(f"{family}: unknown model config keys {unknown}; refusing to guess their meaning")
-        unsupported = []
-        if int(kwargs.get("linear_transformer_depth", 0) or 0) > 0:
-            unsupported.append(f"linear_transformer_depth={kwargs['linear_transformer_depth']}")
-        for key in ("skip_connection", "use_pope"):
-            if kwargs.get(key):
-                unsupported.append(f"{key}={kwargs[key]}")
-        if kwargs.get("stft_window_fn") is not None:
-            unsupported.append("stft_window_fn (only the Hann window is supported)")
+        unsupported = unsupported_options(kwargs)
         if unsupported:
             raise ValueError(f"{family}: unsupported architecture options: {', '.join(unsupported)}")
         for key in ("dim", "depth"):

@@ -28,9 +28,47 @@ __all__ = [
     "load_roformer_config",
     "parse_roformer_config",
     "guess_family",
+    "IGNORED_KEYS",
+    "unknown_keys",
+    "unsupported_options",
 ]
 
 FAMILIES = ("mel_band_roformer", "bs_roformer")
+
+# What `ripper_export.roformer` implements, stated here without torch so that the runtime (the model catalogue) can
+# tell which configs export before anything is downloaded.
+#: Keys that never change the inference function (training losses, kernels, checkpointing, dropouts).
+IGNORED_KEYS = frozenset({
+    "flash_attn", "sage_attention", "attn_dropout", "ff_dropout", "dim_freqs_in", "use_torch_checkpoint",
+    "multi_stft_resolution_loss_weight", "multi_stft_resolutions_window_sizes", "multi_stft_hop_size",
+    "multi_stft_normalized", "multi_stft_window_fn", "match_input_audio_length",
+})
+COMMON_KEYS = frozenset({
+    "dim", "depth", "stereo", "num_stems", "time_transformer_depth", "freq_transformer_depth",
+    "linear_transformer_depth", "dim_head", "heads", "stft_n_fft", "stft_hop_length", "stft_win_length",
+    "stft_normalized", "stft_window_fn", "zero_dc", "mask_estimator_depth", "mlp_expansion_factor",
+    "skip_connection", "use_pope",
+})
+FAMILY_KEYS = {"mel_band_roformer": frozenset({"num_bands", "sample_rate"}),
+               "bs_roformer": frozenset({"freqs_per_bands"})}
+
+
+def unknown_keys(family: str, model: dict) -> list[str]:
+    """`model:` keys the exporter does not know for `family` (it refuses to guess their meaning)."""
+    return sorted(set(model) - (COMMON_KEYS | FAMILY_KEYS[family] | IGNORED_KEYS))
+
+
+def unsupported_options(model: dict) -> list[str]:
+    """Known architecture switches set to values the exporter does not implement, as `key=value`."""
+    out = []
+    if int(model.get("linear_transformer_depth", 0) or 0) > 0:
+        out.append(f"linear_transformer_depth={model['linear_transformer_depth']}")
+    for key in ("skip_connection", "use_pope"):
+        if model.get(key):
+            out.append(f"{key}={model[key]}")
+    if model.get("stft_window_fn") is not None:
+        out.append("stft_window_fn (only the Hann window is supported)")
+    return out
 
 
 class UnsafeConfigError(ValueError):

@@ -334,11 +334,11 @@ def child_ray_job(argv: list[str], start_first: bool = False) -> dict:
     from ripper_dist.cli import main as cli_main
     ray_start = 0.0
     if start_first:
-        import ray
         t = time.perf_counter()
+        from ripper_dist import ray_connect
         from ripper_dist.ray_pipeline import WORKER_NICENESS
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", _system_config={"worker_niceness": WORKER_NICENESS})  # as the job starts it
+        ray_connect.start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                                logging_level="ERROR", _system_config={"worker_niceness": WORKER_NICENESS})  # as the job starts it
         ray_start = time.perf_counter() - t
     base, peak, stop = _shm_used(), [0], threading.Event()
 
@@ -355,8 +355,8 @@ def child_ray_job(argv: list[str], start_first: bool = False) -> dict:
     th.join()
     wall = time.perf_counter() - t0
     if start_first:
-        import ray
-        ray.shutdown()
+        from ripper_dist import ray_connect
+        ray_connect.disconnect()
     return {"wall_s": wall, "rc": rc, "object_store_peak_mb": peak[0] / 2 ** 20, "ray_start_s": ray_start}
 
 

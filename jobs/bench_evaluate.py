@@ -1,7 +1,7 @@
 """What `ripper-dist evaluate` costs: seconds per track (BSS Eval v4 via museval, 4 stereo stems at 44.1 kHz) and how
 the Ray engine scales with CPUs (one task per track).
 
-    python jobs/bench_evaluate.py [--seconds 30] [--tracks 4] [--cpus 1 2]
+    python jobs/bench_evaluate.py [--seconds 30] [--tracks 4] [--cpus 1 2]   # --cpus alone: the local run only
 
 Synthetic references and estimates (reference + noise + leakage), written once; each configuration runs in a fresh
 evaluation (`--force`).
@@ -47,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--tracks", type=int, default=4)
-    ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cpus", type=int, nargs="*", default=[1, 2])
     a = ap.parse_args()
     from ripper_dist.evaluate import EvaluateOptions, run_evaluation
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load {os.getloadavg()}")
@@ -58,6 +58,16 @@ def main():
         local = time.perf_counter() - t0
         print(f"local, {a.tracks} tracks of {a.seconds:g} s: {local:.1f} s = {local / a.tracks:.1f} s per track "
               f"({local / a.tracks / a.seconds:.2f} s per audio second)")
+        from ripper_dist.evaluate import bleed_full, l1_freq  # MSST's scores: their share of the local time
+        t0 = time.perf_counter()
+        for k in range(a.tracks):
+            for s in STEMS:
+                x, sr = sf.read(refs / f"t{k}" / f"{s}.wav", dtype="float32", always_2d=True)
+                y, _ = sf.read(out / f"t{k}" / f"{s}.wav", dtype="float32", always_2d=True)
+                l1_freq(x, y), bleed_full(x, y, sr)
+        msst = time.perf_counter() - t0
+        print(f"  of which MSST's l1_freq + bleedless/fullness: {msst / a.tracks:.2f} s per track "
+              f"({100 * msst / local:.0f}%)")
         for cpus in a.cpus:
             t0 = time.perf_counter()
             run_evaluation(EvaluateOptions(out=out, references=refs, engine="ray", num_cpus=cpus, force=True))

@@ -36,8 +36,10 @@ def _batch_size(text: str) -> int | str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-n", "--name", "--model", dest="model", default="htdemucs",
-                   help="released Demucs model (htdemucs, htdemucs_ft, htdemucs_6s), a bag/signature in --repo, or "
-                        "mel_band_roformer / bs_roformer with --config and --checkpoint (default: htdemucs); "
+                   help="a model of the catalogue (`ripper-dist models`: htdemucs, htdemucs_ft, htdemucs_6s and "
+                        "RoFormers such as mel_band_roformer_kim_vocals, model_bs_roformer_ep_317_sdr_12.9755), a "
+                        "bag/signature in --repo, or mel_band_roformer / bs_roformer with --config and --checkpoint "
+                        "(default: htdemucs); "
                         "several, comma-separated, for an ensemble (--ensemble)")
     g.add_argument("--onnx", type=Path, metavar="FILE.onnx",
                    help="an exported graph (from `ripper-dist export -o DIR`): separates without the checkpoint or "
@@ -142,7 +144,8 @@ EXAMPLES = """examples:
   ripper-dist separate album/ -n htdemucs,htdemucs_ft --ensemble avg_wave   # one ensemble row per track
   ripper-dist separate mixes/ --evaluate refs/ -o out           # then score against refs/<track>/<stem>.wav
   ripper-dist report out                                        # out/report/index.html: spectrograms, players, scores
-  ripper-dist models                                            # released models and cached exports
+  ripper-dist separate song.wav -n mel_band_roformer_kim_vocals   # a catalogue RoFormer: fetched, verified, exported
+  ripper-dist models                                            # models by name (catalogue) and cached exports
   ripper-dist doctor                                            # which devices (CPU, CUDA, TensorRT) start here
 
 metadata.parquet in OUT has one row per (model, input); rerun a command to resume it.
@@ -157,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{models,export,doctor,separate,evaluate,report}")
 
-    sub.add_parser("models", help="list released models and cached exports (name, family, stems, size, origin)")
+    p = sub.add_parser("models", help="list the models known by name (-n NAME: family, stems, size, score, licence, "
+                                      "downloaded or not) and the cached exports")
+    p.add_argument("--json", action="store_true", help="print the catalogue as JSON (for scripts)")
 
     p = sub.add_parser("export", help="export a model to ONNX (cached; parity-checked against upstream)",
                        epilog="example: ripper-dist export -n htdemucs -o graphs/   # then separate --onnx "
@@ -169,13 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="execution providers that start here (and why not), GPUs seen by NVML and "
                                       "Ray, CPU backends")
     p.add_argument("-d", "--device", help="exit 1 unless this device (cpu, cuda, tensorrt) starts")
-    p.add_argument("--address", help="also count the GPUs of this Ray cluster and read its workers' niceness")
+    p.add_argument("--address", help="also count the GPUs of this Ray cluster, read its workers' niceness and say "
+                                     "whether it wants a token and takes this process's (exit 1 if it cannot be joined)")
 
     p = sub.add_parser("separate", help="separate tracks into stems", epilog=EXAMPLES, formatter_class=fmt)
     _add_separate_args(p)
 
-    p = sub.add_parser("evaluate", help="score separated stems against reference stems (BSS Eval v4, SDR, SI-SDR)")
-    p.add_argument("out", type=Path, metavar="OUT", help="a separate command's output folder (its metadata.parquet)")
+    p = sub.add_parser("evaluate", help="score separated stems against reference stems (BSS Eval v4, SDR, SI-SDR, "
+                                        "MSST l1_freq, bleedless, fullness)",
+                       epilog="examples:\n"
+                              "  ripper-dist evaluate stems/ musdb18hq/                      # a separate output\n"
+                              "  ripper-dist evaluate separated/ musdb18hq/ -o cmp.parquet   # demucs' "
+                              "separated/<model>/<track>/<stem>.wav\n"
+                              "  ripper-dist evaluate other/ refs/ --model mine -o cmp.parquet   # "
+                              "other/<track>/<stem>.flac",
+                       formatter_class=fmt)
+    p.add_argument("out", type=Path, metavar="OUT",
+                   help="a separate command's output folder (its metadata.parquet), or any folder of stems: "
+                        "OUT/<track>/<stem>.<ext> or OUT/<model>/<track>/<stem>.<ext>, tracks named like the "
+                        "reference folders")
     p.add_argument("references", type=Path, metavar="REF_DIR",
                    help="MUSDB18-HQ root (train/test/<track>/<stem>.wav) or any <track>/<stem>.wav folder")
     p.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
@@ -183,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     p.add_argument("--force", action="store_true", help="re-evaluate tracks already scored")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE_OR_DIR",
+                   help="write the table here: a .parquet file, or a folder (gets evaluation.parquet); default "
+                        "OUT/evaluation.parquet. Rows of other models already in it are kept")
+    p.add_argument("--model", metavar="NAME",
+                   help="the model column for OUT/<track>/<stem> (default: OUT's folder name); with model folders "
+                        "or metadata.parquet: evaluate that model only")
 
     p = sub.add_parser("report", help="HTML pages of a job: metadata, spectrograms, players, loudness, scores")
     p.add_argument("out", type=Path, metavar="OUT", help="a separate command's output folder")
@@ -190,25 +213,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _released_by_file() -> dict[str, str]:
-    from .sources import RELEASED
-    return {f: name for name, (files, _, _) in RELEASED.items() for f in files}
+    """Checkpoint file name -> catalogue name (names the cached exports)."""
+    from .catalog import entries
+    return {f.name: e.name for e in entries().values() for f in e.files}
+
+
+def _downloaded(entry) -> bool:
+    from .sources import cache_dir
+    folder = cache_dir() / "checkpoints"
+    files = entry.files + ([entry.config_file] if entry.config_file else [])
+    return all((folder / f.name).exists() for f in files)
+
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.0f} MB"
 
 
 def cmd_models(args) -> int:
-    """Released models (what they separate, published SDR, cached or not), the RoFormer families, then the cached
-    exports by model name with family, stems, size, parity and origin."""
+    """The catalogue (every model `-n NAME` knows: family, stems, size, first published score, licence, downloaded
+    or not, and why one cannot be exported yet), then the cached exports by model name with family, stems, size,
+    parity and origin. `--json`: the catalogue entries with `downloaded` and `exportable` added, for scripts."""
+    import json
+
+    from .catalog import entries
     from .export_cache import onnx_root
     from .onnx_model import read_info
-    from .sources import DESCRIPTIONS, RELEASED, RELEASED_INFO, cache_dir
-    print("Released Demucs models (downloaded and sha256-verified on first use; SDR: MUSDB18-HQ test, upstream's):")
-    for name, (files, _, _) in RELEASED.items():
-        have = all((cache_dir() / "checkpoints" / f).exists() for f in files)
-        sdr = RELEASED_INFO[name]["sdr_db"]
-        print(f"  {name:<14} {'[downloaded] ' if have else ''}{DESCRIPTIONS[name]}; "
-              f"SDR {f'{sdr:.2f} dB' if sdr else 'not published'}")
-    print("RoFormer families (bring the checkpoint and its YAML config: -n FAMILY --config C.yaml --checkpoint M.ckpt):")
-    print("  mel_band_roformer  Mel-Band RoFormer, e.g. the community vocals model (~11 dB vocals SDR, multisong)")
-    print("  bs_roformer        BS-RoFormer (explicit freqs_per_bands)")
+    if getattr(args, "json", False):
+        rows = [e.raw | {"downloaded": _downloaded(e), "exportable": not e.problems(), "problems": e.problems()}
+                for e in entries().values()]
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("Models by name (-n NAME: downloaded into the cache, verified, exported and parity-checked on first use; "
+          "`--json` for all the facts and their sources):")
+    width = max(len(n) for n in entries())
+    for e in entries().values():
+        problems = e.problems()
+        note = f"  NOT EXPORTABLE YET: {', '.join(problems)}" if problems else ""
+        print(f"  {e.name:<{width}} {e.family:<17} {','.join(e.stems):<36} {_size(e.size):>7}  "
+              f"{e.score() or 'no published score':<36} licence: {e.licence}"
+              f"{'  [downloaded]' if _downloaded(e) else ''}{note}")
+    print("Or bring a RoFormer checkpoint and its YAML config: -n mel_band_roformer|bs_roformer --config C.yaml "
+          "--checkpoint M.ckpt")
     root = onnx_root()
     graphs = sorted(root.rglob("*.onnx")) if root.exists() else []
     print(f"Exported graphs cached in {root}: {len(graphs)}")
@@ -222,7 +267,7 @@ def cmd_models(args) -> int:
         meta = info.raw
         ckpt = meta.get("ripper.checkpoint_name", "")
         name = released.get(ckpt) or Path(ckpt).stem or g.parent.name
-        origin = f"released {ckpt}" if ckpt in released else f"checkpoint {ckpt}" if ckpt else "unknown checkpoint"
+        origin = f"catalogue {ckpt}" if ckpt in released else f"checkpoint {ckpt}" if ckpt else "unknown checkpoint"
         precision = meta.get("ripper.precision", "fp32")
         parity = meta.get("ripper.parity_sdr_db")
         print(f"  {name:<14} {info.family:<17} {','.join(info.sources):<32} {g.stat().st_size / 1e6:7.1f} MB "
@@ -306,7 +351,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import EvaluateOptions, run_evaluation
     return run_evaluation(EvaluateOptions(out=args.out, references=args.references, engine=args.engine,
                                           address=args.address, num_cpus=args.num_cpus, force=args.force,
-                                          verbose=args.verbose))[1]
+                                          verbose=args.verbose, output=args.output, model=args.model))[1]
 
 
 def main(argv: list[str] | None = None) -> int:

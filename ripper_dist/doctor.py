@@ -4,7 +4,8 @@ Each execution provider onnxruntime lists is started on a tiny graph (ORT lists 
 build, and falls back to the CPU silently when its libraries are missing), and a provider that does not start is
 shown with the reason: the libraries the loader cannot find, or ORT's own message. GPUs are counted as NVML and as
 Ray see them (Ray schedules GPU actors by its own count), and the CPU backends with the choice `--backend auto`
-cached for this machine.
+cached for this machine. With `--address`, the cluster's authentication too (a token required or not, and whether
+this process's is accepted): a driver without it would only see `Failed to connect`.
 """
 from __future__ import annotations
 
@@ -111,20 +112,9 @@ def nvml_gpus() -> tuple[list[str], str]:
     return out, f"driver {driver.decode() if isinstance(driver, bytes) else driver}"
 
 
-def ray_gpus(address: str | None = None) -> str:
-    """GPUs Ray would give this node (its own detection), or a cluster's total with `address`."""
+def ray_gpus() -> str:
+    """GPUs Ray would give this node (its own detection)."""
     try:
-        if address:
-            import ray
-            ray.init(address=address, logging_level="ERROR")
-            try:
-                from .ray_pipeline import niceness_advice, workers_niceness
-                nice = workers_niceness()
-                advice = niceness_advice(nice)
-                note = "" if nice is None else f"; workers at nice {nice}" + (f" ({advice})" if advice else "")
-                return f"cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPUs{note}"
-            finally:
-                ray.shutdown()
         from ray._private.accelerators import get_accelerator_manager_for_resource
         m = get_accelerator_manager_for_resource("GPU")
         n = m.get_current_node_num_accelerators()
@@ -133,8 +123,35 @@ def ray_gpus(address: str | None = None) -> str:
         return f"unknown ({type(e).__name__}: {e})"
 
 
+def ray_cluster(address: str) -> tuple[list[str], bool]:
+    """(report lines, joined): the cluster's GPUs and workers' niceness, and its authentication (token required or
+    not, and whether this process's token is accepted), probed before joining so that a refusal has its reason."""
+    from .ray_connect import RayConnectError, connect, disconnect, probe
+    try:
+        auth = probe(address)
+    except RayConnectError as e:
+        return [f"Ray: cluster at {address}: {e}"], False
+    lines = [f"Ray auth: {auth.describe()}"]
+    if auth.problem():
+        return [f"Ray: cluster at {address}: not joined (see the next line)"] + lines, False
+    try:
+        import ray
+        connect(address, logging_level="ERROR")
+        try:
+            from .ray_pipeline import niceness_advice, workers_niceness
+            nice = workers_niceness()
+            advice = niceness_advice(nice)
+            note = "" if nice is None else f"; workers at nice {nice}" + (f" ({advice})" if advice else "")
+            return [f"Ray: cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPUs{note}"] + lines, True
+        finally:
+            disconnect()
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        return [f"Ray: cluster at {address}: not joined ({type(e).__name__}: {e})"] + lines, False
+
+
 def report(device: str | None = None, address: str | None = None, out=None) -> int:
-    """Print the report; exit status 1 when `device` (cpu, cuda, tensorrt) cannot start, else 0."""
+    """Print the report; exit status 1 when `device` (cpu, cuda, tensorrt) cannot start or the cluster at `address`
+    cannot be joined, else 0."""
     import onnxruntime as ort
     from .cpu_backend import _cache_file, _read, machine_key
     from .gpu_libs import cuda_version
@@ -153,7 +170,13 @@ def report(device: str | None = None, address: str | None = None, out=None) -> i
     p(f"NVML: {len(gpus)} GPUs, {driver}")
     for g in gpus:
         p(f"  {g}")
-    p(f"Ray: {ray_gpus(address)}")
+    joined = True
+    if address:
+        lines, joined = ray_cluster(address)
+        for line in lines:
+            p(line)
+    else:
+        p(f"Ray: {ray_gpus()}")
     p(f"CPU: {machine_key()}")
     if available():
         import openvino as ov
@@ -170,4 +193,4 @@ def report(device: str | None = None, address: str | None = None, out=None) -> i
         if not results.get(kind):
             p(f"--device {device}: cannot start here")
             return 1
-    return 0
+    return 0 if joined else 1

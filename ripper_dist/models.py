@@ -30,6 +30,19 @@ def export_model(opts) -> ExportedModel:
                              "--explain -o DIR`)")
         exported = ExportedModel(path.stem, read_info(path).family, (path,), None)
         return with_precision(exported, precision)
+    if getattr(args, "repo", None) is None and getattr(args, "checkpoint", None) is None:
+        from .catalog import lookup
+        entry = lookup(args.model)
+        if entry is not None and entry.is_roformer:  # `-n NAME` of the catalogue: download, verify, export
+            import dataclasses
+
+            from .export_cache import export_roformer
+            from .sources import fetch_roformer
+            if hasattr(opts, "check_model_shape"):
+                opts.check_model_shape(entry.name, entry.stems, None)
+            src = fetch_roformer(entry.name, progress=bool(getattr(opts, "progress", True)))
+            exported = export_roformer(src.family, src.config, src.checkpoint, explain=explain)
+            return with_precision(dataclasses.replace(exported, name=entry.name), precision)
     if args.model in ROFORMER_FAMILIES:
         from .export_cache import export_roformer
         if not args.config or not args.checkpoint:

@@ -95,6 +95,10 @@ class SeparateOptions:
         set_("subtype", str(self.subtype).upper())
         set_("clip_mode", str(self.clip_mode).lower())
         set_("ensemble", str(self.ensemble).lower())
+        if self.repo is None and self.onnx is None:  # a catalogue alias (`-n MelBandRoformer.ckpt`) -> its name
+            from .catalog import lookup
+            names = [(e.name if (e := lookup(m)) is not None else m) for m in self.members]
+            set_("model", ",".join(names) if len(names) > 1 or names[0] != self.model else self.model)
         if isinstance(self.ensemble_weights, str):
             try:
                 set_("ensemble_weights", tuple(float(w) for w in self.ensemble_weights.split(",")))
@@ -190,6 +194,15 @@ class SeparateOptions:
             if Path(model).suffix == ".onnx":
                 if not Path(model).is_file():
                     bad("-n", f"{model}: no such ONNX file")
+            elif (entry := _catalog_roformer(model, self)) is not None:
+                given = [o for o, v in (("--config", self.config), ("--checkpoint", self.checkpoint)) if v is not None]
+                if given and len(members) == 1:
+                    bad("-n", f"{model} is a catalogue model: it brings its config and checkpoint (drop "
+                              f"{', '.join(given)}, or use -n {entry.family} with them)")
+                from .sources import refuse_unexportable
+                refuse_unexportable(entry)  # before anything is downloaded: one line naming the options
+                refuse_demucs_options(self, model)
+                self.check_model_shape(model, entry.stems, None)
             elif model in ROFORMER_FAMILIES:
                 if not self.config or not self.checkpoint:
                     bad("-n", f"{model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
@@ -245,14 +258,16 @@ class SeparateOptions:
                                  f"{', '.join(sources)})")
 
     def check_model_names(self) -> None:
-        """A plain `-n` name without --repo/--checkpoint must be a released model (checked before OUT is created;
+        """A plain `-n` name without --repo/--checkpoint must be a catalogue model (checked before OUT is created;
         not in `validate`, so options naming models of a repo can be built before the repo is given)."""
+        from .catalog import lookup
         from .sources import RELEASED
         for model in self.members if self.onnx is None and self.repo is None else ():
             if Path(model).suffix != ".onnx" and model not in ROFORMER_FAMILIES and model not in RELEASED \
-                    and (self.checkpoint is None or self.is_ensemble):
-                raise ValueError(f"-n: unknown model {model!r}; released models: {', '.join(RELEASED)}; or give "
-                                 "--repo DIR, --checkpoint FILE.th or --onnx FILE.onnx")
+                    and lookup(model) is None and (self.checkpoint is None or self.is_ensemble):
+                raise ValueError(f"-n: unknown model {model!r}; released models: {', '.join(RELEASED)} and the "
+                                 "RoFormers of `ripper-dist models`; or give --repo DIR, --checkpoint FILE.th or "
+                                 "--onnx FILE.onnx")
 
     # -- derived ---------------------------------------------------------------------------------------------------
     @property
@@ -266,7 +281,7 @@ class SeparateOptions:
 
     @property
     def is_roformer(self) -> bool:
-        return self.model in ROFORMER_FAMILIES
+        return self.model in ROFORMER_FAMILIES or _catalog_roformer(self.model, self) is not None
 
     @property
     def model_name(self) -> str:
@@ -302,6 +317,15 @@ class SeparateOptions:
             self, model=model, onnx=None, checkpoint=None, config=None, repo=self.then_repo, stems=None,
             two_stems=None, other_method=None, segment=None, num_overlap=None, overlap=None, then=(),
             label=f"{self.model_name}.{stem}.{model}", filename=template, ensemble_weights=None)
+
+
+def _catalog_roformer(model: str, opts: SeparateOptions):
+    """The catalogue RoFormer `-n model` names (None without one, or when --repo/--checkpoint say otherwise)."""
+    if opts.repo is not None or opts.onnx is not None:
+        return None
+    from .catalog import lookup
+    entry = lookup(model)
+    return entry if entry is not None and entry.is_roformer else None
 
 
 def refuse_demucs_options(opts: SeparateOptions, family: str) -> None:

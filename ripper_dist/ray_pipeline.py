@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import ray_connect
 from .error_log import format_traceback, one_line
 from .families import Family
 from .manifest import RowContext
@@ -386,12 +387,13 @@ class RayEngine:
             kwargs = dict(include_dashboard=False, log_to_driver=verbose,
                           logging_level=logging.INFO if verbose else logging.ERROR)
             address = self.opts.ray_address()
-            if address:
-                ray.init(address=address, **kwargs)
+            if address:  # a cluster that is not there, or wants a token this process lacks: one line, at once
+                log = "Ray's log lines: " + (f"{Path(self.opts.out) / RAY_LOG}, or -v" if self._quiet else "above")
+                ray_connect.connect(address, log_hint=log, **kwargs)
                 warn_if_workers_niced()
             else:
-                ray.init(address="local", num_cpus=self.opts.num_cpus or os.cpu_count(),
-                         _system_config={"worker_niceness": WORKER_NICENESS}, **kwargs)
+                ray_connect.start_local(num_cpus=self.opts.num_cpus or os.cpu_count(),
+                                        _system_config={"worker_niceness": WORKER_NICENESS}, **kwargs)
             self.started_here = True
 
     def data_context(self, block_bytes: int) -> None:
@@ -421,7 +423,7 @@ class RayEngine:
                     setattr(ctx, n, v)
         try:
             if self.started_here:
-                ray.shutdown()
+                ray_connect.disconnect()
         finally:
             if self._quiet is not None:
                 self._quiet.__exit__(*exc)

@@ -225,9 +225,11 @@ def _audio_block(path: Path, page_dir: Path, title: str, scores: dict | None, ex
              f"{x.shape[0] / sr:.1f} s, {sr} Hz, {x.shape[1]} ch")
     score = ""
     if scores:
-        score = " &middot; ".join(f"{k.upper() if k != 'si_sdr' else 'SI-SDR'} {_fmt(scores.get(k))} dB"
-                                  for k in ("sdr", "sir", "isr", "sar", "sdr_track", "si_sdr")
-                                  if scores.get(k) is not None)
+        score = " &middot; ".join([f"{k.upper() if k != 'si_sdr' else 'SI-SDR'} {_fmt(scores.get(k))} dB"
+                                   for k in ("sdr", "sir", "isr", "sar", "sdr_track", "si_sdr")
+                                   if scores.get(k) is not None]
+                                  + [f"{k} {_fmt(scores.get(k))}" for k in ("l1_freq", "bleedless", "fullness")
+                                     if scores.get(k) is not None])  # MSST's 0..100 scores
         if scores.get("status") == "failed":
             score = f"<span class='failed'>evaluation failed: {_e(scores.get('error'))}</span>"
     return (f"<div class='stem'><h3>{_e(title)}</h3><div class='k'>{stats}</div>"
@@ -338,9 +340,11 @@ def make_report(out: str | os.PathLike) -> Path:
     if evaluation:
         med = medians(evaluation)
         body.append("<h2>evaluation (median over tracks, dB)</h2>")
-        body.append(_table(["model", "stem", "tracks", "SDR", "SIR", "ISR", "SAR", "SDR (whole track)", "SI-SDR"],
+        body.append(_table(["model", "stem", "tracks", "SDR", "SIR", "ISR", "SAR", "SDR (whole track)", "SI-SDR",
+                            "l1_freq (0-100)", "bleedless (0-100)", "fullness (0-100)"],
                            [[m["model"], m["stem"], m["tracks"], m["sdr"], m["sir"], m["isr"], m["sar"],
-                             m["sdr_track"], m["si_sdr"]] for m in med], left=2))
+                             m["sdr_track"], m["si_sdr"], m["l1_freq"], m["bleedless"], m["fullness"]] for m in med],
+                           left=2))
     index = out / "report.html"
     write_text(index, _page(f"ripper-dist report: {out.name}", "".join(body)))
     return index

@@ -108,6 +108,9 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
             raise ValueError("no input files found")
     opts.check_model_names()
     check_writable(opts.out)  # before any export or track: a read-only or full OUT is a setup error (exit 2)
+    if opts.engine != "local" and opts.ray_address():  # no cluster there, or one wanting a token this process
+        from .ray_connect import check                  # lacks: one line now, not after the export
+        check(opts.ray_address())
     t0 = time.monotonic()
     if opts.is_ensemble:
         from .ensemble import load_ensemble

@@ -18,28 +18,23 @@ from .atomic import atomic_path
 from .hashing import sha256_file
 
 OFFICIAL_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
-_ONE_HOT = [[1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]
 
-# name -> (files, weights, segment); files are `<sig>-<sha8>.th` under OFFICIAL_ROOT_URL.
-RELEASED = {
-    "htdemucs": (["955717e8-8726e21a.th"], None, None),
-    "htdemucs_ft": (["f7e0c4bc-ba3fe64a.th", "d12395a8-e57c48e6.th", "92cfc3b6-ef3bcb9c.th", "04573f0d-f3cf25b2.th"],
-                    _ONE_HOT, None),
-    "htdemucs_6s": (["5c90dfd2-34c22ccb.th"], None, None),
-}
-_FOUR = ["drums", "bass", "other", "vocals"]
-#: What is known of the released models without their files: sources, segment (s), published SDR (MUSDB18-HQ test,
-#: median over tracks, mean of the sources; upstream's README) where there is one.
-RELEASED_INFO = {
-    "htdemucs": {"sources": _FOUR, "segment_s": 7.8, "sdr_db": 8.80},
-    "htdemucs_ft": {"sources": _FOUR, "segment_s": 7.8, "sdr_db": 9.00},
-    "htdemucs_6s": {"sources": _FOUR + ["guitar", "piano"], "segment_s": 7.8, "sdr_db": None},
-}
-DESCRIPTIONS = {
-    "htdemucs": "Hybrid Transformer Demucs v4: drums, bass, other, vocals (upstream default)",
-    "htdemucs_ft": "htdemucs fine-tuned: bag of 4 specialists, one per source (4x slower, a little better)",
-    "htdemucs_6s": "htdemucs with 6 sources: adds guitar and piano",
-}
+
+def _released() -> tuple[dict, dict, dict]:
+    """The catalogue's Demucs releases in the shapes this module has always offered (tests patch RELEASED)."""
+    from . import catalog
+    demucs = [e for e in catalog.entries().values() if e.family == "htdemucs"]
+    return ({e.name: ([f.name for f in e.files], e.weights, None) for e in demucs},
+            {e.name: {"sources": e.stems, "segment_s": e.segment_s,
+                      "sdr_db": next((s["values"]["sdr_db"] for s in e.raw.get("scores") or []
+                                      if "sdr_db" in s.get("values", {})), None)} for e in demucs},
+            {e.name: e.title for e in demucs})
+
+
+# name -> (files, weights, segment); files are `<sig>-<sha8>.th` under OFFICIAL_ROOT_URL. RELEASED_INFO: what is known
+# of them without their files: sources, segment (s), published SDR (MUSDB18-HQ test, upstream's README). All from the
+# model catalogue (catalog.json), the one list of models known by name.
+RELEASED, RELEASED_INFO, DESCRIPTIONS = _released()
 _SIG_FILE = re.compile(r"^(?P<sig>[0-9a-f]{8})(?:-(?P<sha>[0-9a-f]{8}))?\.th$")
 
 
@@ -71,19 +66,29 @@ def verify_prefix(path: Path, prefix: str) -> str:
     return digest
 
 
-def download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True) -> Path:
-    """Download `url` to `dest` atomically; verify the sha256 prefix before the file gets its final name.
-    A network failure is one line naming the URL and the reason (ModelSourceError), not a traceback."""
+def download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True, size: int | None = None,
+             sha256: str | None = None, stated_by: str | None = None) -> Path:
+    """Download `url` to `dest` atomically, verified before the file gets its final name: the sha256 (or its prefix)
+    where known, else the size where known, and always the length the server announced. A record of what was
+    checked, with the file's sha256, is kept beside it (`<file>.verify.json`). A network failure is one line naming
+    the URL and the reason (ModelSourceError), not a traceback; a file failing verification is ChecksumError and
+    nothing is kept."""
     import urllib.error
     try:
-        return _download(url, dest, sha_prefix, progress=progress)
+        return _download(url, dest, sha_prefix, progress=progress, size=size, sha256=sha256, stated_by=stated_by)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
         raise ModelSourceError(f"cannot download {url}: {reason} (no internet? $RIPPER_DIST_MODEL_URL points the "
                                "downloads at a mirror; or use --repo/--checkpoint/--onnx)") from None
 
 
-def _download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True) -> Path:
+def _download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = True, size: int | None = None,
+              sha256: str | None = None, stated_by: str | None = None) -> Path:
+    import hashlib
+    import json
+
+    from .atomic import write_text
+    digest, got = hashlib.sha256(), 0
     with atomic_path(dest, suffix=".part") as tmp, open(tmp, "wb") as out, \
             urllib.request.urlopen(url, timeout=60) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
@@ -93,14 +98,42 @@ def _download(url: str, dest: Path, sha_prefix: str | None, *, progress: bool = 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False)
         while chunk := resp.read(1 << 20):
             out.write(chunk)
+            digest.update(chunk)
+            got += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
         out.close()
-        if sha_prefix:
-            verify_prefix(tmp, sha_prefix)
+        sha = digest.hexdigest()
+        why = f" ({stated_by})" if stated_by else ""
+        if total is not None and got != total:
+            raise ChecksumError(f"incomplete download of {url}: {got} of {total} bytes; nothing cached, try again")
+        if sha256 and sha != sha256.lower():
+            raise ChecksumError(f"checksum mismatch for {url}: expected sha256 {sha256[:16]}...{why}, got "
+                                f"{sha[:16]}...; nothing cached")
+        if sha_prefix and not sha.startswith(sha_prefix):
+            raise ChecksumError(f"checksum mismatch for {url}: expected sha256 starting with {sha_prefix}, got "
+                                f"{sha[:len(sha_prefix)]}")
+        if size is not None and got != size:
+            raise ChecksumError(f"size mismatch for {url}: expected {size} bytes{why}, got {got}; nothing cached")
+        checked = "sha256" if sha256 else "sha256 prefix" if sha_prefix else "size" if size is not None else "length"
+        write_text(_record(dest), json.dumps({"url": url, "size": got, "sha256": sha, "checked": checked}, indent=1))
     return dest
+
+
+def _record(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verify.json")
+
+
+def cached_sha256(path: Path) -> str | None:
+    """The sha256 recorded when `path` was downloaded and verified (None: no record, or the file changed since)."""
+    import json
+    try:
+        rec = json.loads(_record(Path(path)).read_text())
+        return rec["sha256"] if Path(path).stat().st_size == rec["size"] else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -123,6 +156,91 @@ class DemucsSource:
 def _root_url() -> str:
     # Override for mirrors and for tests against a local HTTP server.
     return os.environ.get("RIPPER_DIST_MODEL_URL", OFFICIAL_ROOT_URL).rstrip("/") + "/"
+
+
+def _url(official: str) -> str:
+    """`official`, or the same file name under $RIPPER_DIST_MODEL_URL (a mirror holds every file by its name)."""
+    mirror = os.environ.get("RIPPER_DIST_MODEL_URL")
+    return mirror.rstrip("/") + "/" + official.rsplit("/", 1)[1] if mirror else official
+
+
+@dataclass(frozen=True)
+class RoformerSource:
+    """A catalogue RoFormer, downloaded and verified: its config and checkpoint in the cache."""
+    name: str
+    family: str
+    config: Path
+    checkpoint: Path
+
+
+def fetch_roformer(name: str, *, progress: bool = True) -> RoformerSource:
+    """A catalogue RoFormer's config, then its checkpoint, into the cache (verified; a mirror by file name).
+
+    Refused before anything is downloaded when the exporter cannot export it yet. The config comes first (small): it
+    must state the catalogue's architecture and stems, so a file changed upstream is noticed before gigabytes."""
+    from . import catalog
+    entry = catalog.lookup(name)
+    if entry is None or not entry.is_roformer:
+        raise ModelSourceError(f"-n: {name!r} is not a RoFormer of the model catalogue (ripper-dist models)")
+    refuse_unexportable(entry)
+    folder = cache_dir() / "checkpoints"
+    cfg_file = entry.config_file
+    cfg_path = folder / cfg_file.name
+    if cached_sha256(cfg_path) is None:
+        download(_url(cfg_file.url), cfg_path, None, progress=False)
+    try:
+        check_config(entry, cfg_path)
+    except ModelSourceError:
+        cfg_path.unlink(missing_ok=True)
+        _record(cfg_path).unlink(missing_ok=True)
+        raise
+    f = entry.files[0]
+    ckpt = folder / f.name
+    if cached_sha256(ckpt) is None:
+        download(_url(f.url), ckpt, None, progress=progress, size=f.size, sha256=f.sha256, stated_by=f.source)
+    return RoformerSource(entry.name, entry.family, cfg_path, ckpt)
+
+
+def refuse_unexportable(entry) -> None:
+    """One line naming what the exporter does not implement yet (before any download)."""
+    problems = entry.problems()
+    if problems:
+        raise ModelSourceError(f"-n {entry.name}: not exportable yet ({entry.family} with {', '.join(problems)}: "
+                               "the exporter does not implement this architecture option); nothing downloaded")
+
+
+def _normal_model(model: dict) -> dict:
+    """The `model:` values that change the function: kernel/training-only keys dropped, switches at their 'off'
+    value dropped (an upstream file stating `linear_transformer_depth: 0` or not is the same model)."""
+    from ripper_export.roformer_config import IGNORED_KEYS
+    off = {"linear_transformer_depth": 0, "skip_connection": False, "use_pope": False, "stft_window_fn": None}
+
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {k: plain(v) for k, v in model.items() if k not in IGNORED_KEYS and not (k in off and v == off[k])}
+
+
+def check_config(entry, path: Path) -> None:
+    """The downloaded config must describe the catalogue's model (architecture and stems)."""
+    from ripper_export.roformer_config import RoformerConfigError, UnsafeConfigError, load_roformer_config
+
+    from .msst_chunking import output_stems
+    try:
+        cfg = load_roformer_config(path)
+    except (RoformerConfigError, UnsafeConfigError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelSourceError(f"{entry.config_file.url}: not a usable RoFormer config ({e}); nothing cached") from None
+    want, got = _normal_model(entry.config["model"]), _normal_model(dict(cfg.model))
+    diff = sorted(k for k in set(want) | set(got) if want.get(k, "(absent)") != got.get(k, "(absent)"))
+    if diff:
+        k = diff[0]
+        raise ModelSourceError(f"{entry.config_file.url} differs from the catalogue's {entry.name}: model.{k} is "
+                               f"{got.get(k, '(absent)')!r}, catalogue {want.get(k, '(absent)')!r}"
+                               f"{f' (+{len(diff) - 1} more keys)' if len(diff) > 1 else ''}; the upstream file "
+                               "changed: nothing cached")
+    stems = output_stems(cfg.instruments, cfg.target_instrument)
+    if stems != entry.stems:
+        raise ModelSourceError(f"{entry.config_file.url}: stems {stems} differ from the catalogue's {entry.stems} "
+                               f"for {entry.name}; the upstream file changed: nothing cached")
 
 
 def fetch_released(name: str, *, progress: bool = True) -> DemucsSource:

@@ -1,5 +1,34 @@
-"""Shared test setup: every test starts its own Ray, never one another process left on this machine."""
+"""Shared test setup: every test starts its own Ray, never one another process left on this machine, and no Ray
+setting of the user's applies.
+
+HOME is a folder of the test session's: Ray 2.60 turns token authentication on for every `ray start` and
+`ray.cluster_utils.Cluster` head as soon as `~/.ray/auth_token` exists, so a token the user (or any earlier local
+`ray.init`) left there would change what the tests see; and nothing a test does may write one into the user's home.
+The caller's RAY_AUTH_* variables go for the same reason. Tests of authentication set their own.
+"""
+import os
+import tempfile
+
 import pytest
+
+_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_home():
+    saved = {k: os.environ.get(k) for k in ("HOME", *_AUTH_VARS)}
+    with tempfile.TemporaryDirectory(prefix="ripper-home-") as home:
+        os.environ["HOME"] = home
+        for k in _AUTH_VARS:
+            os.environ.pop(k, None)
+        try:
+            yield home
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(autouse=True)

@@ -32,9 +32,9 @@ def env(tmp_path_factory):
     track = write_tone(root / "in" / "song.wav", 1.3, seed=3)
     write_tone(root / "two" / "a.wav", 1.1, seed=4)
     write_tone(root / "two" / "b.wav", 0.9, sr=48000, channels=1, seed=5)
-    for name in ("x.m4a", "y.m4a", "notes.txt"):
-        (root / "m4a" / name).parent.mkdir(exist_ok=True)
-        (root / "m4a" / name).write_bytes(b"not audio")
+    for name in ("x.pdf", "y.pdf", "notes.txt"):  # no audio extension (.m4a and the like are read by FFmpeg)
+        (root / "docs" / name).parent.mkdir(exist_ok=True)
+        (root / "docs" / name).write_bytes(b"not audio")
     return SimpleNamespace(root=root, repo=repo, track=track, cache=root / "cache",
                            checkpoint=next(repo.glob(f"{sig}-*.th")))
 
@@ -89,8 +89,8 @@ def test_mistakes_fail_before_any_model_in_one_line(env, tmp_path, args, needles
 def test_bad_inputs_and_unreachable_download_and_no_torch(env, tmp_path):
     rc, _, err = run(env, "separate", "nope.wav", "--repo", "repo", "-n", "tiny", cache=tmp_path / "c1")
     one_line_error(rc, err, "nope.wav", "no such file")
-    rc, _, err = run(env, "separate", "m4a", "--repo", "repo", "-n", "tiny", cache=tmp_path / "c1")
-    one_line_error(rc, err, "no supported audio", "2 .m4a", "1 .txt")
+    rc, _, err = run(env, "separate", "docs", "--repo", "repo", "-n", "tiny", cache=tmp_path / "c1")
+    one_line_error(rc, err, "no supported audio", "2 .pdf", "1 .txt")
     # released weights from a host that does not answer: one line, not urllib's traceback
     rc, _, err = run(env, "separate", "in/song.wav", "-n", "htdemucs", "-o", tmp_path / "o", cache=tmp_path / "c2",
                      extra_env={"RIPPER_DIST_MODEL_URL": "http://127.0.0.1:9/"})

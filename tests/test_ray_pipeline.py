@@ -1,8 +1,8 @@
 """The Ray job end to end on a local Ray: the local engine's bytes, rows only at the driver, spans, faults, nodes."""
 import json
 import os
+import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +18,8 @@ import ray
 import ray.cloudpickle
 import soundfile as sf
 
+from ray_nodes import Node, free_ports, node_env, wait_for
+from ripper_dist import ray_connect
 from ripper_dist.cli import main
 from ripper_dist.options import SeparateOptions
 from ripper_dist.ray_pipeline import ROW_COLUMNS, block_bytes, onnx_runners, pool_shape, run_ray
@@ -122,43 +124,37 @@ def test_no_shared_fs_equals_local_engine(env):
     _same_bytes(out, env.local)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_no_shared_fs_with_a_node_that_cannot_see_input_or_output(env, tmp_path):
-    """A real second node in its own mount namespace, with empty tmpfs over the input and output folders."""
+    """A real second node in its own mount namespace, with empty tmpfs over the input and output folders. Each node
+    is a `ray start --block` in a session of its own (HOME apart: no token of the user's applies), stopped by
+    killing that session."""
     out = tmp_path / "out"
     out.mkdir()
-    port = _free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_ports(1)[0]
     address = f"127.0.0.1:{port}"
-    head = subprocess.run([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "1",
-                           "--include-dashboard", "false", "--disable-usage-stats"], capture_output=True, text=True)
-    assert head.returncode == 0, head.stderr
     hide = f"mount -t tmpfs tmpfs {env.inp} && mount -t tmpfs tmpfs {out} && test -z \"$(ls -A {env.inp})\""
-    worker = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                               f"{hide} && exec {BIN / 'ray'} start --address {address} --num-cpus 1 --block "
-                               "--disable-usage-stats"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nodes = []
     try:
+        nodes.append(Node("head", ["--head", "--port", port, "--num-cpus", "1", "--include-dashboard", "false"],
+                          node_env(home), tmp_path))
         ray.init(address=address)
-        deadline = time.time() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            assert worker.poll() is None and time.time() < deadline, worker.stdout.read()
-            time.sleep(0.5)
+        nodes.append(Node("hidden", ["--address", address, "--num-cpus", "1"], node_env(home), tmp_path,
+                          wrap=lambda argv: ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                             f"{hide} && exec {shlex.join(argv)}"]))
+        wait_for("second node", lambda: len([n for n in ray.nodes() if n["Alive"]]) >= 2, nodes, timeout=60)
         ray.shutdown()
         rc = main(_argv(env, out, "--engine", "ray", "--address", address, "--no-shared-fs", "--actors", "2",
                         "--threads", "1"))
         assert rc == 1
         df = _same_bytes(out, env.local)
-        nodes = {w.split(":")[2] for w in _workers(df)}
-        assert len(nodes) == 2, _workers(df)  # the hidden node separated spans it could not have read
+        node_ids = {w.split(":")[2] for w in _workers(df)}
+        assert len(node_ids) == 2, _workers(df)  # the hidden node separated spans it could not have read
     finally:
         ray.shutdown()
-        worker.terminate()
-        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
-        worker.wait(timeout=60)
+        for node in reversed(nodes):
+            node.stop()
 
 
 class _Slow:
@@ -265,7 +261,7 @@ def _cpu_runners(graphs, device, threads, max_batch):
 
 def test_one_actor_per_logical_gpu(env):
     """Two logical GPUs: two actors, each given its own GPU by Ray (ORT itself runs on the CPU here)."""
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray_connect.start_local(num_cpus=2, num_gpus=2, include_dashboard=False)  # no token file written
     try:
         out = env.dir / "gpus"
         opts = SeparateOptions(inputs=(str(env.inp),), out=out, model="tiny", repo=env.repo, subtype="FLOAT", backend="ort",
@@ -275,7 +271,7 @@ def test_one_actor_per_logical_gpu(env):
         gpus = {w.split(":gpu")[1] for w in _workers(df)}
         assert gpus == {"0", "1"}, _workers(df)
     finally:
-        ray.shutdown()
+        ray_connect.disconnect()
 
 
 def test_pool_shape_and_blocks():

@@ -61,7 +61,8 @@ def test_pages_are_self_contained_and_show_the_numbers(reports):
     bass = html[html.index("<h3>bass</h3>"):]
     assert f"peak {peak_dbfs(x):.1f} dBFS" in bass and f"loudness {loudness_lufs(x, sr):.1f} LUFS" in bass
     ev = pd.read_parquet(demucs / "evaluation.parquet").set_index("stem")
-    assert f"SDR {ev.loc['bass', 'sdr']:.2f} dB" in bass
+    assert f"SDR {ev.loc['bass', 'sdr']:.2f} dB" in bass and f"bleedless {ev.loc['bass', 'bleedless']:.2f}" in bass
+    assert "fullness (0-100)" in index.read_text()
     masks_page = _pages(roformer)[1].read_text()
     assert "per-band masks of vocals" in masks_page and "alt='vocals band masks'" in masks_page
 
