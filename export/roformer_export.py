@@ -118,15 +118,17 @@ class _Reference(nn.Module):
 def build_reference(family: str, model_kwargs: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """The upstream-equivalent reference model (``bs-roformer==0.3.10``) with `state` loaded strictly.
 
-    Raises ImportError when the package is missing and ValueError for options 0.3.10 cannot express.
+    `mlp_expansion_factor` (a current-MSST key, e.g. ZFTurbo's 4-stem BS-RoFormer states 2): 0.3.10's models do not
+    take it, but its own `MaskEstimator` does, and current MSST passes it there and nowhere else; so the reference's
+    mask estimators are 0.3.10's `MaskEstimator` built with it. Raises ImportError when the package is missing.
     """
     try:
         from bs_roformer import BSRoformer, MelBandRoformer
+        from bs_roformer.bs_roformer import MaskEstimator as BSMaskEstimator
+        from bs_roformer.mel_band_roformer import MaskEstimator as MelMaskEstimator
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(f"the parity reference needs {REFERENCE_NAME} (pip install '{REFERENCE_NAME}')") from exc
     spec = RoformerSpec.from_kwargs(family, model_kwargs)
-    if spec.mlp_expansion_factor != 4:
-        raise ValueError(f"{REFERENCE_NAME} has no mlp_expansion_factor (got {spec.mlp_expansion_factor})")
     cls = MelBandRoformer if family == "mel_band_roformer" else BSRoformer
     kwargs = dict(
         dim=spec.dim, depth=spec.depth, stereo=spec.stereo, num_stems=spec.num_stems,
@@ -142,6 +144,11 @@ def build_reference(family: str, model_kwargs: Mapping, state: Mapping[str, torc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # its constructor calls torch.stft without a window
         model = cls(**{k: v for k, v in kwargs.items() if k in accepted})
+    if spec.mlp_expansion_factor != 4:
+        estimator = MelMaskEstimator if family == "mel_band_roformer" else BSMaskEstimator
+        model.mask_estimators = nn.ModuleList([
+            estimator(dim=spec.dim, dim_inputs=model.mask_estimators[0].dim_inputs, depth=spec.mask_estimator_depth,
+                      mlp_expansion_factor=spec.mlp_expansion_factor) for _ in range(spec.num_stems)])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return _Reference(model.float().eval(), spec.num_stems, spec.zero_dc).eval()
 

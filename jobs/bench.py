@@ -1,11 +1,13 @@
 """Benchmarks: x-realtime and peak memory of ripper-dist against its baselines, side by side in one run.
 
     python jobs/bench.py engine   [--seconds 60] [--model htdemucs|htdemucs_ft] [--threads N] [--batch-size B|auto]
-                                  [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]] [--precision fp32|fp16]
-                                  [--backends ort openvino] [--no-bare] [--isa avx2] [--background N]
+                                  [--rounds R] [--device cpu|cuda[:N]|tensorrt[:N]] [--precision fp32|fp16|bf16]
+                                  [--precisions fp32 bf16] [--backends ort openvino] [--no-bare] [--isa avx2]
+                                  [--background N]
         upstream demucs `apply_model` (torch, shifts 0) vs the ripper-dist engine vs a bare ONNX Runtime loop over the
         same chunks, on released-size random weights; prints the engine/upstream ratio and GFLOP/s vs the CPU peak.
         On a GPU both sides run on the same GPU (torch on cuda:N), after an untimed warm-up, with peak GPU memory.
+        `--precisions fp32 bf16`: one engine contender per precision (bf16 on OpenVINO) in the same interleaved run.
     python jobs/bench.py session  FILE.onnx [--runs 5]
         ORT's memory pattern and arena on/off (each in a child): seconds and peak RSS after each run of one chunk.
     python jobs/bench.py ops      FILE.onnx [--runs 2] [--threads N]
@@ -29,10 +31,17 @@
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
         peak RSS of the Ray driver and peak object-store use: many short tracks vs few, and one long track.
     python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N] [--device cpu|cuda[:N]]
-                                  [--precision fp32|fp16]
+                                  [--precision fp32|fp16|bf16]
         Mel-Band RoFormer (random weights at Kim's vocals configuration): the torch reference (bs-roformer 0.3.10,
         the model the exporter checks parity against) vs the ripper-dist ONNX Runtime runner, on one chunk and on a
         short track through MSST `demix` (same chunking code for both, so the difference is the model runtime).
+
+    python jobs/bench.py catalog  --names NAME [NAME ...] [--seconds 30] [--threads N] [--rounds R] [--device D]
+                                  [--small]
+        catalogue RoFormers (`ripper-dist models`) with random weights at their released hyperparameters: the export
+        by `-n NAME`'s path (seconds and peak RSS, parity against bs-roformer 0.3.10), then the torch reference vs
+        the exported graph on one chunk and on the track through MSST `demix`, as `roformer` does. Minutes per
+        model on a CPU (the reference: about 53 s per 8 s chunk at Kim's size). `--small`: the test's shapes.
 
     python jobs/bench.py decode   [--minutes 10] [--long-minutes 60]
         decoding on one core (x-realtime): WAV, FLAC (libsndfile), AAC .m4a and a video's AAC track (FFmpeg via PyAV;
@@ -244,11 +253,12 @@ def _roformer_files(size: str) -> tuple[Path, Path]:
     return cfg, ckpt
 
 
-def _roformer_bundle(cfg: str, ckpt: str, precision: str = "fp32"):
+def _roformer_bundle(cfg: str, ckpt: str, precision: str = "fp32", family: str = "mel_band_roformer",
+                     out_root: str | None = None):
     from ripper_dist.export_cache import export_roformer, with_precision
     from ripper_dist.models import ModelBundle
-    return ModelBundle.from_exported(with_precision(export_roformer("mel_band_roformer", Path(cfg), Path(ckpt)),
-                                                    precision))
+    exported = export_roformer(family, Path(cfg), Path(ckpt), out_root=Path(out_root) if out_root else None)
+    return ModelBundle.from_exported(with_precision(exported, precision))
 
 
 def _roformer_chunk_input(channels: int, chunk: int):
@@ -275,7 +285,8 @@ def _roformer_run(runner, chunk: int, num_overlap: int, channels: int, track: st
             "chunks": len(plan_chunks(mix.shape[1], chunk, num_overlap).chunks)}
 
 
-def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu") -> dict:
+def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu",
+                         family: str = "mel_band_roformer") -> dict:
     """The reference: bs-roformer 0.3.10 with the checkpoint loaded (as the exporter's parity check builds it)."""
     import torch
     from ripper_export.roformer import build_roformer, read_checkpoint
@@ -283,9 +294,9 @@ def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: in
     from ripper_export.roformer_export import build_reference
     torch.set_num_threads(threads)
     conf = load_roformer_config(cfg)
-    state = build_roformer("mel_band_roformer", conf.model, read_checkpoint(ckpt)).state_dict()
+    state = build_roformer(family, conf.model, read_checkpoint(ckpt)).state_dict()
     dev = _torch_device(device)
-    ref = build_reference("mel_band_roformer", conf.model, state).to(dev)
+    ref = build_reference(family, conf.model, state).to(dev)
     del state
 
     def runner(batch):
@@ -299,13 +310,53 @@ def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: in
 
 
 def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu",
-                          precision: str = "fp32") -> dict:
+                          precision: str = "fp32", family: str = "mel_band_roformer",
+                          out_root: str | None = None) -> dict:
     """ripper-dist: the exported graph in its ONNX Runtime runner (what `separate` uses for RoFormer)."""
-    bundle = _roformer_bundle(cfg, ckpt, precision)
+    bundle = _roformer_bundle(cfg, ckpt, precision, family, out_root)
     runner = bundle.roformer_runner(device, threads)
     if not device.startswith("cpu"):
         runner(_roformer_chunk_input(runner.info.channels, runner.chunk_samples))  # warm-up (TensorRT: engine)
     return _roformer_run(runner, runner.chunk_samples, bundle.num_overlap, runner.info.channels, track, reps)
+
+
+def _catalog_files(name: str, small: bool) -> tuple[Path, Path, str]:
+    """A random-weight checkpoint (a raw state dict, as the community files are) with the config of catalogue entry
+    `name`: its released hyperparameters, or `small_config` of them (`--small`: the catalogue test's shapes). Made
+    again when the catalogue's config for it changed."""
+    from ripper_dist import catalog
+    from ripper_export.random_roformer import small_config, write_roformer_checkpoint
+    entry = catalog.lookup(name)
+    config = small_config(entry.config) if small else entry.config
+    d = _work_dir() / "catalog" / f"{entry.name}{'-small' if small else ''}"
+    stamp = d / "catalog-config.json"
+    cfg, ckpt = d / "config.yaml", d / "model.ckpt"
+    if not (ckpt.exists() and stamp.exists() and json.loads(stamp.read_text()) == config):
+        stamp.unlink(missing_ok=True)
+        cfg, ckpt = write_roformer_checkpoint(d, entry.family, config)
+        stamp.write_text(json.dumps(config))
+    return cfg, ckpt, entry.family
+
+
+def child_catalog_files(name: str, small: bool) -> dict:
+    """In a child: building a released-size state dict takes gigabytes the parent must not keep (ru_maxrss)."""
+    cfg, ckpt, family = _catalog_files(name, small)
+    return {"cfg": str(cfg), "ckpt": str(ckpt), "family": family, "ckpt_mb": ckpt.stat().st_size / 1e6}
+
+
+def child_catalog_export(cfg: str, ckpt: str, family: str, out_root: str) -> dict:
+    """`-n NAME`'s export (ripper_dist.export_cache.export_roformer: trace, parity check against bs-roformer 0.3.10)
+    into an empty `out_root`, timed; its peak RSS is this child's."""
+    from ripper_dist.export_cache import export_roformer
+    from ripper_dist.onnx_model import read_info
+    t0 = time.perf_counter()
+    exported = export_roformer(family, Path(cfg), Path(ckpt), out_root=Path(out_root))
+    wall = time.perf_counter() - t0
+    info = read_info(exported.onnx_paths[0])
+    return {"export_s": wall, "parity_sdr_db": info.raw.get("ripper.parity_sdr_db"),
+            "chunk_samples": info.chunk_samples, "sample_rate": info.sample_rate,
+            "num_overlap": int(info.raw["ripper.num_overlap"]),
+            "graph_mb": sum(p.stat().st_size for p in exported.onnx_paths[0].parent.glob("model.onnx*")) / 1e6}
 
 
 def child_track(seconds: float, name: str, seed: int) -> dict:
@@ -369,15 +420,19 @@ def child_prepare(model: str = "", threads: int = 1, roformer: str = "", precisi
         info = bundle.info
         return {"cfg": str(cfg), "ckpt": str(ckpt), "chunk_samples": info.chunk_samples,
                 "sample_rate": info.sample_rate, "num_overlap": bundle.num_overlap,
-                "parity_sdr_db": info.raw.get("ripper.parity_sdr_db"), "fp16_sdr_db": info.raw.get("ripper.fp16_sdr_db")}
+                "parity_sdr_db": info.raw.get("ripper.parity_sdr_db"), "fp16_sdr_db": info.raw.get("ripper.fp16_sdr_db"),
+                "bf16_sdr_db": info.raw.get("ripper.bf16_sdr_db")}
     repo, name = _repo(model)
-    _bag(str(repo), name, threads, precision=precision)  # exports (and converts) on the CPU, untimed
-    return {"repo": str(repo), "name": name}
+    bag, _ = _bag(str(repo), name, threads, precision=precision)  # exports (and converts) on the CPU, untimed
+    raw = bag.runners[0].info.raw
+    return {"repo": str(repo), "name": name, "fp16_sdr_db": raw.get("ripper.fp16_sdr_db"),
+            "bf16_sdr_db": raw.get("ripper.bf16_sdr_db")}
 
 
 CHILDREN = {"prepare": child_prepare, "upstream": child_upstream, "engine": child_engine, "bare": child_bare, "cli": child_cli,
             "ray_job": child_ray_job, "roformer_torch": child_roformer_torch,
-            "roformer_engine": child_roformer_engine, "track": child_track}
+            "roformer_engine": child_roformer_engine, "track": child_track, "catalog_files": child_catalog_files,
+            "catalog_export": child_catalog_export}
 
 
 # -- reports ----------------------------------------------------------------------------------------------------------
@@ -466,12 +521,19 @@ def bench_engine(args) -> None:
 
 def _bench_engine(args, bg) -> None:
     import numpy as np
-    prep = _run_measured("prepare", model=args.model, threads=args.threads, precision=args.precision)
+    precisions = args.precisions or [args.precision]
+    prep = {}
+    for precision in precisions:  # exports and derived graphs (fp16 converted, bf16 checked) made untimed
+        prep = _run_measured("prepare", model=args.model, threads=args.threads, precision=precision)
+        if precision != "fp32":
+            print(f"# {precision} graph: {prep.get(f'{precision}_sdr_db')} dB from fp32 (checked when made)")
     repo, name = prep["repo"], prep["name"]
     track = _track(args.seconds)
     common = dict(repo=repo, name=name, track=str(track), overlap=args.overlap, threads=args.threads,
                   device=args.device, isa=args.isa)
-    engines = [f"engine:{b}" for b in args.backends]
+    # one engine contender per backend and precision: engine:BACKEND:PRECISION (bf16 runs on OpenVINO only)
+    engines = list(dict.fromkeys(f"engine:{'openvino' if p == 'bf16' else b}:{p}" for p in precisions
+                                 for b in args.backends))
     runs: dict[str, list[dict]] = {"upstream": [], **{e: [] for e in engines}, "bare": []}
     if args.no_bare:
         del runs["bare"]
@@ -480,7 +542,7 @@ def _bench_engine(args, bg) -> None:
         loads.append(os.getloadavg()[0])
         runs["upstream"].append(_run_measured("upstream", **common))
         for e in engines:
-            runs[e].append(_run_measured("engine", **common, batch_size=args.batch_size, precision=args.precision,
+            runs[e].append(_run_measured("engine", **common, batch_size=args.batch_size, precision=e.split(":")[2],
                                          backend=e.split(":")[1]))
         if "bare" in runs:
             runs["bare"].append(_run_measured("bare", **common, batch_size=args.batch_size, precision=args.precision,
@@ -492,22 +554,23 @@ def _bench_engine(args, bg) -> None:
     gflop = chunks * HTDEMUCS_GFLOP_PER_SEGMENT
     gpu = not args.device.startswith("cpu")
     print(f"# engine benchmark: {name}, {args.seconds:g} s stereo 44.1 kHz, overlap {args.overlap}, device "
-          f"{args.device}, {args.precision}, {args.threads} threads, batch size {args.batch_size} (engine ran "
+          f"{args.device}, {'/'.join(precisions)}, {args.threads} threads, batch size {args.batch_size} (engine ran "
           f"{runs[engines[0]][0]['batch']}), {chunks} chunks, {args.rounds} interleaved rounds"
           + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else "") + bg.label())
     print(f"# {_machine(args.device)}; load average (1 min) at each round's start: "
           + ", ".join(f"{x:.1f}" for x in loads))
-    print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
+    print(f"{'contender':<34}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'GFLOP/s':>10}{'peak RSS MB':>13}"
           + (f"{'peak GPU MB':>13}" if gpu else ""))
     best = {}
     labels = [("upstream", "upstream demucs apply_model")] + [
-        (e, f"ripper-dist engine {e.split(':')[1]}") for e in engines] + [("bare", f"bare {args.backends[0]} loop")]
+        (e, f"ripper-dist engine {e.split(':')[1]} {e.split(':')[2]}") for e in engines] + [
+        ("bare", f"bare {args.backends[0]} loop")]
     for key, label in labels:
         if key not in runs:
             continue
         ws = [r["wall_s"] for r in runs[key]]
         best[key] = (min(ws), float(np.median(ws)))
-        print(f"{label:<28}{min(ws):>11.2f}{np.median(ws):>11.2f}{args.seconds / min(ws):>12.3f}"
+        print(f"{label:<34}{min(ws):>11.2f}{np.median(ws):>11.2f}{args.seconds / min(ws):>12.3f}"
               f"{gflop / min(ws):>10.1f}{max(r['peak_rss_mb'] for r in runs[key]):>13.0f}"
               + (f"{max(r['gpu_peak_mb'] or 0 for r in runs[key]):>13.0f}" if gpu else ""))
     for e in engines:
@@ -547,7 +610,7 @@ def _bench_cli(args, bg) -> None:
     print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}, {args.rounds} alternating rounds"
           + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else "")
           + f"{bg.label()}; {_machine(args.device)}")
-    print(f"{'contender':<28}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
+    print(f"{'contender':<34}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
     walls = {}
     for label, _ in contenders:
         w = [r["wall_s"] for r in runs[label]]
@@ -793,12 +856,13 @@ def bench_roformer(args) -> None:
           f"({chunk_sec:g} s), num_overlap {prep['num_overlap']}; track {args.seconds:g} s stereo "
           f"({runs['engine'][0]['chunks']} chunks); {args.threads} threads; {args.rounds} rounds x {args.reps} "
           f"chunk reps; graph parity {prep['parity_sdr_db']} dB; device {args.device}, engine {args.precision}"
-          + (f" ({prep['fp16_sdr_db']} dB from fp32)" if args.precision == "fp16" else ""))
+          + (f" ({prep[f'{args.precision}_sdr_db']} dB from fp32)" if args.precision != "fp32" else ""))
     print(f"# {_machine(args.device)}")
     print(f"{'contender':<30}{'chunk s min':>12}{'chunk s med':>12}{'track s min':>12}{'track s med':>12}"
           f"{'x-realtime':>11}{'peak RSS MB':>13}")
     best = {}
-    for key, label in (("torch", "torch reference (bs-roformer)"), ("engine", "ripper-dist ONNX Runtime")):
+    engine_label = "ripper-dist OpenVINO bf16" if args.precision == "bf16" else "ripper-dist ONNX Runtime"
+    for key, label in (("torch", "torch reference (bs-roformer)"), ("engine", engine_label)):
         cs = [c for r in runs[key] for c in r["chunk_s"]]
         ws = [r["wall_s"] for r in runs[key]]
         best[key] = (min(cs), float(np.median(cs)), min(ws), float(np.median(ws)))
@@ -808,6 +872,53 @@ def bench_roformer(args) -> None:
     print(f"engine / torch speed: one chunk {t[0] / e[0]:.2f}x (min) {t[1] / e[1]:.2f}x (median); "
           f"track {t[2] / e[2]:.2f}x (min) {t[3] / e[3]:.2f}x (median); engine vs torch output: chunk "
           f"{csdr:.1f} dB, track {sdr:.1f} dB SDR")
+
+
+def bench_catalog(args) -> None:
+    """Per catalogue entry: random weights at its released shapes, exported by `-n NAME`'s path (time, peak RSS),
+    then the torch reference vs the exported graph on the same track and cores, interleaved `--rounds` times."""
+    import shutil
+
+    import numpy as np
+    from ripper_dist import catalog
+    for name in args.names:
+        entry = catalog.lookup(name)
+        if entry is None or not entry.is_roformer:
+            raise SystemExit(f"catalog: {name!r} is not a RoFormer of the model catalogue (ripper-dist models)")
+        if entry.problems():
+            raise SystemExit(f"catalog: {name} is not exportable yet ({', '.join(entry.problems())})")
+    track = _track(args.seconds)
+    print(f"# catalog benchmark: {'small_config (test) shapes' if args.small else 'released shapes'}, random "
+          f"weights; track {args.seconds:g} s stereo; {args.threads} threads; {args.rounds} rounds x {args.reps} "
+          f"chunk reps; device {args.device}")
+    print(f"# {_machine(args.device)}")
+    print(f"{'model':<52}{'ckpt MB':>8}{'export s':>9}{'exp RSS MB':>11}{'parity dB':>10}{'contender':>10}"
+          f"{'chunk s':>9}{'track s':>9}{'x-realtime':>11}{'peak RSS MB':>12}")
+    for name in args.names:
+        files = _run_measured("catalog_files", name=name, small=args.small)
+        out_root = _work_dir() / "catalog" / f"onnx-{catalog.lookup(name).name}{'-small' if args.small else ''}"
+        shutil.rmtree(out_root, ignore_errors=True)  # a real export every run, not a cache hit
+        exp = _run_measured("catalog_export", cfg=files["cfg"], ckpt=files["ckpt"], family=files["family"],
+                            out_root=str(out_root))
+        common = dict(cfg=files["cfg"], ckpt=files["ckpt"], track=str(track), threads=args.threads, reps=args.reps,
+                      device=args.device, family=files["family"])
+        runs: dict[str, list[dict]] = {"torch": [], "engine": []}
+        for _ in range(args.rounds):
+            runs["torch"].append(_run_measured("roformer_torch", **common))
+            runs["engine"].append(_run_measured("roformer_engine", **common, out_root=str(out_root)))
+        sdr = sdr_db(np.load(runs["torch"][-1]["out"]), np.load(runs["engine"][-1]["out"]))
+        _cleanup(runs)
+        best = {}
+        for key in ("torch", "engine"):
+            cs, ws = [c for r in runs[key] for c in r["chunk_s"]], [r["wall_s"] for r in runs[key]]
+            best[key] = min(ws)
+            head = (f"{name:<52}{files['ckpt_mb']:>8.0f}{exp['export_s']:>9.1f}{exp['peak_rss_mb']:>11.0f}"
+                    f"{float(exp['parity_sdr_db']):>10.1f}" if key == "torch" else " " * 90)
+            print(f"{head}{key:>10}{min(cs):>9.2f}{min(ws):>9.2f}{args.seconds / min(ws):>11.3f}"
+                  f"{max(r['peak_rss_mb'] for r in runs[key]):>12.0f}")
+        print(f"{'':<52}engine / torch {best['torch'] / best['engine']:.2f}x on the track "
+              f"({runs['engine'][0]['chunks']} chunks of {exp['chunk_samples']} samples, num_overlap "
+              f"{exp['num_overlap']}); engine vs torch output {sdr:.1f} dB SDR; graph {exp['graph_mb']:.0f} MB")
 
 
 def bench_graph(args) -> None:
@@ -1206,7 +1317,10 @@ def main(argv=None):
         p.add_argument("--batch-size", type=_batch_arg, default="auto", help="chunks per run, or auto (as separate)")
         p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N]; upstream runs on torch's "
                                                          "cpu or cuda:N")
-        p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graphs (as separate)")
+        p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                       help="the engine's graphs (as separate)")
+        p.add_argument("--precisions", nargs="+", choices=["fp32", "fp16", "bf16"],
+                       help="engine: one contender per precision, side by side in one run (e.g. fp32 bf16)")
         p.add_argument("--tracks", type=int, default=10)
         p.add_argument("--rounds", type=int, default=1, help="engine, cli: interleaved rounds of all contenders")
         p.add_argument("--backends", nargs="+", default=["ort"], choices=["ort", "openvino"],
@@ -1230,7 +1344,16 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=1, help="timed single-chunk runs per child")
     p.add_argument("--rounds", type=int, default=1, help="interleaved torch/engine child pairs")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (torch runs on cuda:N)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's graph")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="the engine's graph (bf16: on OpenVINO)")
+    p = sub.add_parser("catalog", help="catalogue RoFormers at released shapes: export time/RSS, x-realtime vs torch")
+    p.add_argument("--names", nargs="+", required=True, metavar="NAME", help="catalogue names (ripper-dist models)")
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--reps", type=int, default=1, help="timed single-chunk runs per child")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved torch/engine child pairs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (torch runs on cuda:N)")
+    p.add_argument("--small", action="store_true", help="the catalogue test's shrunk shapes (a quick check)")
     p = sub.add_parser("session")
     p.add_argument("file", help="an exported .onnx graph")
     p.add_argument("--runs", type=int, default=5)
@@ -1251,7 +1374,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
      "decode": bench_decode,
-     "roformer": bench_roformer, "session": bench_session, "ops": bench_ops,
+     "roformer": bench_roformer, "catalog": bench_catalog, "session": bench_session, "ops": bench_ops,
      "attention": bench_attention}[args.what](args)
 
 

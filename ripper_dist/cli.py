@@ -48,9 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", type=Path, help="a single checkpoint: Demucs .th, or a RoFormer .ckpt/.pth")
     g.add_argument("--config", type=Path, help="RoFormer YAML config shipped with the checkpoint")
     g.add_argument("--segment", type=float, help="Demucs split length in seconds (at most the model's segment)")
-    g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="fp16: graphs with convolutions, attention and feed-forward layers in half precision (for "
-                        "GPUs; the STFT, norms and reductions stay fp32), checked against fp32 when converted")
+                        "GPUs; the STFT, norms and reductions stay fp32); bf16: attention and feed-forward matmuls "
+                        "on the CPU's bf16 units (AVX512_BF16/AMX; OpenVINO, everything else fp32). Both are "
+                        "checked against fp32 when first made")
     g.add_argument("--explain", action="store_true",
                    help="explanation graphs: Demucs also writes each stem's time-branch and spectral-branch terms "
                         "(STEM.time, STEM.spec; they sum to STEM), RoFormer each stem's per-band masks "
@@ -68,6 +70,10 @@ def _add_separate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the shifts' offsets")
     g.add_argument("--overlap", type=float, help="overlap between Demucs chunks (default 0.25)")
     g.add_argument("--num-overlap", type=int, help="RoFormer: chunks per chunk length (default from the config)")
+    g.add_argument("--tta", action="store_true",
+                   help="RoFormer: test-time augmentation as MSST's --use_tta: each chunk also run with its channels "
+                        "swapped and its polarity inverted, the three outputs averaged (3x the model runs; Demucs: "
+                        "--shifts)")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="chunks per ONNX Runtime run, or auto (default): 1 on the CPU; on a GPU as many as its free "
                         "memory holds (measured, at most 16), halved if a batch fails to allocate")
@@ -288,6 +294,8 @@ def cmd_export(args) -> int:
         checks = [f"{meta['ripper.parity_sdr_db']} dB from upstream torch"] if "ripper.parity_sdr_db" in meta else []
         if "ripper.fp16_sdr_db" in meta:
             checks.append(f"fp16: {meta['ripper.fp16_sdr_db']} dB from fp32")
+        if "ripper.bf16_sdr_db" in meta:
+            checks.append(f"bf16: {meta['ripper.bf16_sdr_db']} dB from fp32")
         if "ripper.explain_sum_sdr_db" in meta:
             db = meta["ripper.explain_sum_sdr_db"]
             checks.append("explanation: time + spectral branch " + ("equal to" if db == "inf" else f"{db} dB from")
@@ -297,7 +305,7 @@ def cmd_export(args) -> int:
         print(p, f"({'; '.join(checks)})" if checks else "")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            suffix = "-fp16" if meta.get("ripper.precision") == "fp16" else ""
+            suffix = {"fp16": "-fp16", "bf16": "-bf16"}.get(meta.get("ripper.precision"), "")
             dest = args.out / f"{exported.name}{f'-{k}' if bag else ''}{suffix}.onnx"
             shutil.copyfile(p, dest)
             print(f"  -> {dest}" + ("" if bag else f"   (ripper-dist separate INPUT --onnx {dest})"))
@@ -313,6 +321,7 @@ def separate_options(args) -> "SeparateOptions":
         inputs=tuple(args.inputs), out=args.out, model=args.model, onnx=args.onnx, repo=args.repo,
         checkpoint=args.checkpoint, config=args.config, precision=args.precision, explain=args.explain,
         shifts=args.shifts, seed=args.seed, overlap=args.overlap, segment=args.segment, num_overlap=args.num_overlap,
+        tta=args.tta,
         batch_size=args.batch_size, stems=args.stems, two_stems=args.two_stems, other_method=args.other_method,
         format=args.format, subtype=args.subtype, clip_mode=args.clip_mode, bitrate=args.bitrate,
         sample_rate=args.sample_rate, filename=args.filename, device=args.device, backend=args.backend,

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -188,6 +187,12 @@ def make_runners(graphs: list, device: str, threads: int | None, backend: str = 
             out.append(None)
             continue
         data = g if isinstance(g, bytes) else Path(g).read_bytes()
+        from .onnx_model import read_info
+        if read_info(data).raw.get("ripper.precision") == "bf16":  # only OpenVINO implements it (openvino_model):
+            if device != "cpu":                                        # it is implied (options refuse --backend ort)
+                raise ValueError(f"a bf16 graph runs on OpenVINO on the CPU, not --device {device}")
+            out.append(make_runner("openvino", data, device, threads, max_batch=kw.get("max_batch")))
+            continue
         concrete, ready = resolve(backend, device, data, threads, **kw)
         if ready is not None:
             out.append(ready)

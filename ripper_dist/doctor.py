@@ -71,11 +71,12 @@ def check_provider(name: str) -> tuple[bool, str]:
         return True, "started and ran"
     why = [err] if err else []
     if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-        from .gpu_libs import CUDA_LIBS, TENSORRT_LIBS
-        libs = CUDA_LIBS + (TENSORRT_LIBS if name.startswith("Tensorrt") else ())
+        from .gpu_libs import EXTRA_FOR_MAJOR, TENSORRT_LIBS, cuda_libs, cuda_major
+        libs = cuda_libs() + (TENSORRT_LIBS if name.startswith("Tensorrt") else ())
         gone = missing(libs)
         if gone:
-            why.append("libraries not found: " + ", ".join(gone) + ' (pip install -e ".[gpu]"'
+            why.append("libraries not found: " + ", ".join(gone) + ' (pip install -e ".['
+                       + EXTRA_FOR_MAJOR.get(cuda_major() or 13, "gpu") + ']"'
                        + (' or ".[tensorrt]"' if name.startswith("Tensorrt") else "") + ")")
     why += _reasons(log.getvalue() + printed.getvalue())
     return False, "; ".join(why) or "ORT fell back to the CPU without a message"
@@ -170,6 +171,9 @@ def report(device: str | None = None, address: str | None = None, out=None) -> i
     p(f"NVML: {len(gpus)} GPUs, {driver}")
     for g in gpus:
         p(f"  {g}")
+    if gpus:
+        from .gpu_libs import driver_advice, driver_cuda_version
+        p(f"  CUDA: {driver_advice(driver_cuda_version(), cuda_version())[1]}")
     joined = True
     if address:
         lines, joined = ray_cluster(address)

@@ -199,6 +199,11 @@ class EnsembleFamily(Family):
 def load_ensemble(opts: SeparateOptions) -> tuple[EnsembleBundle, EnsembleFamily]:
     """Export (or find cached) every member, then check they can be combined (before any track is touched)."""
     members = [ModelBundle.from_exported(export_model(member_options(opts, m))) for m in opts.members]
+    return ensemble_of(members, opts)
+
+
+def ensemble_of(members: list[ModelBundle], opts: SeparateOptions) -> tuple[EnsembleBundle, EnsembleFamily]:
+    """The ensemble of loaded members under `opts` (`Separator.update` rebinds new options to the same graphs)."""
     bundle = EnsembleBundle(members, opts.ensemble, opts.ensemble_weights)
     family = EnsembleFamily([family_for(m, opts) for m in members], [len(m.graphs) for m in members],
                             opts.ensemble, opts.ensemble_weights, [m.name for m in members])

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -31,10 +30,14 @@ from .sources import DemucsSource, cache_dir
 #: 2: factorised real DFT for the STFT/ISTFT.
 from ripper_export.version import EXPORT_VERSION  # the export side owns it; importing it needs no torch
 DEFAULT_OPSET = 17
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 #: An fp16 graph further than this from its fp32 graph (SDR on a music-like chunk, ONNX Runtime CPU) is refused.
 #: Measured: 64-69 dB on htdemucs (small and released size) and small RoFormers; the naive conversion gives ~1 dB.
 FP16_MIN_SDR_DB = 40.0
+#: The same floor for a bf16 graph (OpenVINO, MatMuls with bf16 inputs) against the fp32 graph on ONNX Runtime.
+#: Measured: 65.6 dB released-size htdemucs, 46.1 dB Mel-Band RoFormer at the vocals configuration, 49-71 dB on the
+#: small random models (ripper_export.bf16, docs/BENCHMARKS.md).
+BF16_MIN_SDR_DB = 40.0
 log = logging.getLogger(__name__)
 
 
@@ -262,12 +265,14 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
 
 
 def with_precision(exported: ExportedModel, precision: str) -> ExportedModel:
-    """The same model at `precision`: fp32 as exported, or fp16 graphs derived from (and checked against) them."""
+    """The same model at `precision`: fp32 as exported, or fp16/bf16 graphs derived from (and checked against)
+    them."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return exported
-    return dataclasses.replace(exported, onnx_paths=tuple(fp16_graph(p) for p in exported.onnx_paths))
+    derive = fp16_graph if precision == "fp16" else bf16_graph
+    return dataclasses.replace(exported, onnx_paths=tuple(derive(p) for p in exported.onnx_paths))
 
 
 def fp16_graph(fp32_path: Path) -> Path:
@@ -299,3 +304,41 @@ def _convert_fp16(fp32_path: Path, out: Path) -> None:
     with atomic_path(out) as tmp:
         onnx.save(half, str(tmp))
     log.info("fp16 graph %s: %.1f dB from fp32", out, sdr)
+
+
+def bf16_graph(fp32_path: Path) -> Path:
+    """`model-bf16.onnx` beside the cached fp32 graph: the same graph plus, in its metadata, the MatMuls OpenVINO
+    feeds with bf16 (`ripper.bf16_matmuls`, chosen by ripper_export.bf16) and the SDR of OpenVINO's bf16 output
+    against ONNX Runtime's fp32 output on a music-like chunk (`ripper.bf16_sdr_db`), which must reach
+    BF16_MIN_SDR_DB. Made (compiled and checked) once; needs onnx, onnxruntime and openvino, no torch."""
+    return cached_graph(fp32_path.with_name("model-bf16.onnx"), lambda out: _convert_bf16(fp32_path, out))
+
+
+def _convert_bf16(fp32_path: Path, out: Path) -> None:
+    import onnx
+
+    from ripper_export.bf16 import bf16_matmuls
+    from ripper_export.fp16 import _session, music_like
+    from ripper_export.metrics import sdr_db
+
+    from .openvino_model import OpenVinoRunner
+    print(f"checking {fp32_path.parent.name} in bf16 (first use; OpenVINO against fp32, then cached)", file=sys.stderr)
+    model = onnx.load(str(fp32_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    names = bf16_matmuls(model)
+    if not names:
+        raise ValueError(f"{fp32_path}: no MatMul of this graph can run in bf16; use --precision fp32")
+    onnx.helper.set_model_props(model, meta | {"ripper.precision": "bf16", "ripper.bf16_matmuls": json.dumps(names)})
+    data = model.SerializeToString()
+    mix = music_like(1, int(meta["ripper.channels"]), int(meta["ripper.chunk_samples"]),
+                     sample_rate=int(meta["ripper.sample_rate"]))
+    ref = _session(fp32_path).run(None, {"mix": mix})[0]
+    sdr = sdr_db(ref, OpenVinoRunner(data)(mix))
+    if not sdr >= BF16_MIN_SDR_DB:
+        raise ValueError(f"{fp32_path}: the bf16 graph is only {sdr:.1f} dB from fp32 (at least {BF16_MIN_SDR_DB} dB "
+                         "needed); use --precision fp32")
+    onnx.helper.set_model_props(model, meta | {"ripper.precision": "bf16", "ripper.bf16_matmuls": json.dumps(names),
+                                               "ripper.bf16_sdr_db": f"{sdr:.1f}"})
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    log.info("bf16 graph %s: %.1f dB from fp32 (%d MatMuls in bf16)", out, sdr, len(names))

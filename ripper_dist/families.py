@@ -162,6 +162,9 @@ class DemucsFamily(Family):
         self.overlap = DEMUCS_OVERLAP if opts.overlap is None else float(opts.overlap)
         if opts.num_overlap is not None:
             raise ValueError("--num-overlap: a RoFormer option; Demucs takes --overlap")
+        if getattr(opts, "tta", False):  # an exported Demucs .onnx: its family is known only now
+            raise ValueError(f"--tta: a RoFormer option (MSST's test-time augmentation); {self.name} is a Demucs "
+                             "model: use --shifts")
         self.segment_samples = None if opts.segment is None else int(round(opts.segment * self.sample_rate))
         if self.segment_samples is not None:
             longest = min(self.planner.chunk_samples)
@@ -244,6 +247,7 @@ class MsstFamily(Family):
         self.minus = minus_stems(opts)
         self.models = {0}
         self._plan = None
+        self.tta = bool(getattr(opts, "tta", False))
         # --explain: per-band masks (graph output `band_masks`), written beside the stems as STEM.masks.npy
         self.explain = bundle.explain
         self.hop = int(json.loads(info.raw.get("ripper.stft", "{}")).get("hop_length", 0) or 0)
@@ -251,7 +255,32 @@ class MsstFamily(Family):
             raise ValueError(f"{bundle.name}: an explanation graph without its STFT hop (ripper.stft)")
 
     def resume_options(self) -> dict:
-        return {"num_overlap": self.num_overlap, "stems": self.stem_map, "minus": sorted(self.minus)}
+        # "tta" only when on: the keys of runs without it stay those of earlier versions (their tracks stay done)
+        return {"num_overlap": self.num_overlap, "stems": self.stem_map, "minus": sorted(self.minus),
+                **({"tta": True} if self.tta else {})}
+
+    def run_model(self, runner, batch: np.ndarray) -> np.ndarray:
+        """The model's outputs for a batch of chunks, with `--tta` the mean of MSST's three passes (`utils/
+        model_utils.py: apply_tta`): the chunk, its channels swapped, its polarity inverted, each output transformed
+        back, summed in MSST's order ((plain + swapped back) - inverted) and divided by 3 in float32.
+
+        Per chunk, not per track as MSST: the overlap-add is linear and the reflect padding commutes with both
+        transforms, so this is MSST's result up to float rounding, and a chunk's result is the same in whichever span
+        it runs (spans then concatenate to the one-span track bit for bit). A mono model's swap is the identity, so
+        its plain pass is reused (MSST runs it twice); a mono input to a stereo model has two equal channels and runs
+        all three passes, as in MSST, which duplicates mono input for stereo models."""
+        out = np.asarray(runner(batch))
+        if not self.tta:
+            return out
+        out = np.array(out, dtype=np.float32)  # a copy: a runner may return a buffer it reuses
+        if batch.shape[1] > 1:
+            swapped = np.asarray(runner(np.ascontiguousarray(batch[:, ::-1])))
+            out += swapped[:, :, ::-1]
+        else:
+            out += out
+        out -= np.asarray(runner(np.negative(batch)))
+        out /= np.float32(3)
+        return out
 
     def plan(self, length: int):
         from .msst_chunking import plan_chunks
@@ -302,7 +331,7 @@ class MsstFamily(Family):
                 for c, m in zip(batch, band_masks):
                     masks.add(c, m)
             else:
-                outputs = np.asarray(runner(np.stack(inputs)))
+                outputs = self.run_model(runner, np.stack(inputs))
             if outputs.shape != (len(batch), self.n_model, self.channels, self.chunk_size):
                 raise ValueError(f"the graph returned {outputs.shape}, expected "
                                  f"{(len(batch), self.n_model, self.channels, self.chunk_size)}")

@@ -51,11 +51,13 @@ SCHEMA = pa.schema([
     ("checkpoint_sha256", pa.list_(pa.string())),  # one per (sub-)model of the bag
     ("parity_sdr_db", pa.float64()),  # the export's agreement with upstream torch (worst sub-model); None: unchecked
     ("precision", pa.string()),
+    ("precision_sdr_db", pa.float64()),  # fp16/bf16 graphs' SDR against fp32, checked when made (worst); None: fp32
     ("device", pa.string()),
     ("shifts", pa.int32()),
     ("overlap", pa.float64()),
     ("segment_s", pa.float64()),
     ("num_overlap", pa.int32()),
+    ("tta", pa.bool_()),              # RoFormer --tta (None: rows of earlier versions, which had no TTA)
     ("stems", pa.list_(pa.string())),
     ("two_stems", pa.string()),
     ("other_method", pa.string()),

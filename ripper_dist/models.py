@@ -19,6 +19,10 @@ def export_model(opts) -> ExportedModel:
     exported (and parity-checked) on first use."""
     from .export_cache import with_precision
     args, precision = opts, opts.precision
+    if precision == "bf16":  # `export` reaches here without SeparateOptions: refuse before exporting anything
+        from .openvino_model import bf16_problem
+        if (why := bf16_problem(getattr(opts, "device", None) or "cpu")) is not None:
+            raise ValueError(f"--precision: {why}")
     explain = bool(getattr(opts, "explain", False))
     onnx = getattr(args, "onnx", None) or (Path(args.model) if Path(args.model).suffix == ".onnx" else None)
     if onnx is not None:  # an exported graph (`ripper-dist export -o`): no checkpoint, no torch needed

@@ -44,6 +44,7 @@ class SeparateOptions:
     overlap: float | None = None
     segment: float | None = None
     num_overlap: int | None = None
+    tta: bool = False  # RoFormer: MSST's test-time augmentation (mix, channels swapped, polarity inverted; averaged)
     batch_size: int | str = "auto"
     # output
     stems: tuple[str, ...] | None = None
@@ -113,8 +114,8 @@ class SeparateOptions:
         def bad(option: str, why: str):
             raise ValueError(f"{option}: {why}")
 
-        if self.precision not in ("fp32", "fp16"):
-            bad("--precision", f"{self.precision!r} is not fp32 or fp16")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            bad("--precision", f"{self.precision!r} is not fp32, fp16 or bf16")
         if int(self.shifts) != self.shifts or self.shifts < 0:
             bad("--shifts", f"{self.shifts} must be a whole number >= 0")
         if self.overlap is not None and not 0 <= self.overlap < 1:
@@ -157,6 +158,12 @@ class SeparateOptions:
             bad("--backend", f"{self.backend!r}: use one of {BACKENDS}")
         if self.backend == "openvino" and self.device != "cpu":
             bad("--backend", f"openvino runs on the CPU only, not --device {self.device}")
+        if self.precision == "bf16":  # before any export: bf16 needs the CPU's bf16 units and OpenVINO
+            from .openvino_model import bf16_problem
+            if (why := bf16_problem(self.device)) is not None:
+                bad("--precision", why)
+            if self.backend == "ort":
+                bad("--backend", "ort cannot run bf16 graphs (OpenVINO runs them): drop --backend ort")
         for name in ("threads", "actors", "num_cpus"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -169,6 +176,10 @@ class SeparateOptions:
             bad("--engine", f"{self.engine!r}: use one of {ENGINES}")
         if self.explain and len(self.members) > 1:
             bad("--explain", "explains one model: run it without an ensemble (-n a,b)")
+        if self.tta and self.explain:
+            bad("--tta", "cannot be combined with --explain: the band masks of one pass are |mask| magnitudes, and the "
+                         "averaged output's mask is the mean of the passes' complex masks, which no mean of "
+                         "magnitudes gives")
         if self.explain and not self.shared_fs:
             bad("--explain", "needs a shared filesystem (RoFormer band masks are written beside the span parts)")
         if not self.shared_fs and self.engine == "local":
@@ -211,6 +222,12 @@ class SeparateOptions:
                 from .sources import RELEASED
                 if model in RELEASED:  # an unknown name fails when resolved (sources), still before any loading
                     self._check_released(model)
+        if self.tta and self.onnx is None:  # a Demucs model by its name: refused before anything is loaded
+            demucs = [m for m in members if Path(m).suffix != ".onnx" and m not in ROFORMER_FAMILIES
+                      and _catalog_roformer(m, self) is None]
+            if demucs:
+                bad("--tta", f"a RoFormer option (MSST's test-time augmentation); {demucs[0]} is a Demucs model: "
+                             "use --shifts")
         if sum(m in ROFORMER_FAMILIES for m in members) > 1:
             bad("-n", "one --config/--checkpoint pair serves one RoFormer: export the others "
                       "(`ripper-dist export ... -o DIR`) and list their .onnx files")
@@ -311,11 +328,12 @@ class SeparateOptions:
 
     def chained(self, stem: str, model: str) -> "SeparateOptions":
         """The next `--then STEM=MODEL` stage: MODEL on STEM's files, in the same OUT as the model
-        `<this model>.<STEM>.<MODEL>` (default layout: OUT/<this model>.STEM.MODEL/<track>/)."""
+        `<this model>.<STEM>.<MODEL>` (default layout: OUT/<this model>.STEM.MODEL/<track>/). The chunking options
+        and --tta are this stage's: a chained Demucs model has its own (--tta would be refused there)."""
         template = self.filename if "{model}" in self.filename else "{model}/" + self.filename
         return dataclasses.replace(
             self, model=model, onnx=None, checkpoint=None, config=None, repo=self.then_repo, stems=None,
-            two_stems=None, other_method=None, segment=None, num_overlap=None, overlap=None, then=(),
+            two_stems=None, other_method=None, segment=None, num_overlap=None, overlap=None, then=(), tta=False,
             label=f"{self.model_name}.{stem}.{model}", filename=template, ensemble_weights=None)
 
 

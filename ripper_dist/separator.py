@@ -76,13 +76,16 @@ def job_columns(opts: SeparateOptions, bundle: ModelBundle, family: Family, load
     from .encoders import BITRATE_FORMATS, DEFAULT_BITRATE
     infos = [i for m in getattr(bundle, "members", [bundle]) for i in m.infos]  # an ensemble: all its members'
     parity = [float(v) for i in infos if (v := i.raw.get("ripper.parity_sdr_db")) not in (None, "")]
+    reduced = [float(v) for i in infos for k in ("ripper.fp16_sdr_db", "ripper.bf16_sdr_db")
+               if (v := i.raw.get(k)) not in (None, "")]
     segment = getattr(family, "segment_samples", None) or min(i.segment_samples for i in infos)
     return {"ripper_dist_version": __version__,
             "checkpoint_sha256": [i.raw.get("ripper.checkpoint_sha256") or "" for i in infos],
-            "parity_sdr_db": min(parity) if parity else None, "precision": opts.precision, "device": opts.device,
+            "parity_sdr_db": min(parity) if parity else None, "precision": opts.precision,
+            "precision_sdr_db": min(reduced) if reduced else None, "device": opts.device,
             "shifts": opts.shifts, "overlap": getattr(family, "overlap", None),
             "segment_s": segment / family.sample_rate if family.kind == "demucs" else None,
-            "num_overlap": getattr(family, "num_overlap", None), "stems": list(family.stems),
+            "num_overlap": getattr(family, "num_overlap", None), "tta": bool(opts.tta), "stems": list(family.stems),
             "two_stems": opts.two_stems, "other_method": (opts.other_method or "add") if opts.two_stems else None,
             "clip_mode": opts.clip_mode,
             "bitrate_kbps": (opts.bitrate or DEFAULT_BITRATE) if opts.format in BITRATE_FORMATS else None,
@@ -94,6 +97,16 @@ def resume_options(opts: SeparateOptions, bundle: ModelBundle, family: Family) -
     return {"model": bundle.identity(), "family": family.kind, **family.resume_options(), "format": opts.format,
             "subtype": opts.subtype, "clip": opts.clip_mode, "bitrate": opts.bitrate, "sample_rate": opts.sample_rate,
             "filename": opts.filename}
+
+
+def load_model(opts: SeparateOptions) -> tuple:
+    """(bundle, family) of `opts`: the graphs (exported and parity-checked on first use, cached) and the family that
+    plans and runs them with these options; an ensemble's members combined. Shared by the job and the Python API."""
+    if opts.is_ensemble:
+        from .ensemble import load_ensemble
+        return load_ensemble(opts)
+    bundle = ModelBundle.from_exported(export_model(opts))
+    return bundle, family_for(bundle, opts)
 
 
 def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> Job:
@@ -112,12 +125,7 @@ def plan_job(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> J
         from .ray_connect import check                  # lacks: one line now, not after the export
         check(opts.ray_address())
     t0 = time.monotonic()
-    if opts.is_ensemble:
-        from .ensemble import load_ensemble
-        bundle, family = load_ensemble(opts)
-    else:
-        bundle = ModelBundle.from_exported(export_model(opts))
-        family = family_for(bundle, opts)
+    bundle, family = load_model(opts)
     load_s = time.monotonic() - t0
     opts.out.mkdir(parents=True, exist_ok=True)
     key = options_key(resume_options(opts, bundle, family))

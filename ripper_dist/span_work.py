@@ -115,15 +115,19 @@ def stem_sink(family: Family, plan: TrackPlan, out_paths: dict[str, Path], outpu
 def separate_track(family: Family, runners, path, out_paths: dict[str, Path], *, output=None, fmt: str = "wav",
                    subtype: str | None = None, clip: str = "rescale", batch_size: int = 1,
                    progress: Callable[[int], None] | None = None,
-                   deadline=None) -> tuple[dict[str, Path], TrackPlan, dict]:
+                   deadline=None, on_plan: Callable[[TrackPlan], None] | None = None
+                   ) -> tuple[dict[str, Path], TrackPlan, dict]:
     """The local engine's track: one span, straight into the stem files. Returns (paths, plan, span info); the info
     carries the sink's `row_fields` under "stems".
 
-    deadline: a `watchdog.Deadline`, told the track's duration once the header is read."""
+    deadline: a `watchdog.Deadline`, told the track's duration once the header is read. on_plan: told the plan
+    before any model run (the API's progress callback learns the exact model-rate length it will count up to)."""
     with open_reader(family, path) as reader:
         if deadline is not None:
             deadline.set_duration(reader.info.duration_s)
         plan = plan_track(family, reader, 1)
+        if on_plan is not None:
+            on_plan(plan)
         sink = stem_sink(family, plan, out_paths, output, fmt=fmt, subtype=subtype, clip=clip)
         try:
             info = run_span(family, runners, reader, plan, 0, batch_size, sink, progress)
