@@ -54,6 +54,7 @@ Models are exported (and cached) before anything is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -70,6 +71,36 @@ HTDEMUCS_GFLOP_PER_SEGMENT = 224.5   # released htdemucs, one 7.8 s segment, as 
 #                                      the exported graph does about 117 of them (factorised STFT/ISTFT)
 CPU_PEAK_GFLOPS_2_CORES = 190.0       # this machine class, two AVX-512 cores (REFERENCE section 4)
 
+
+
+def _wait_for_port(port: int, proc, timeout: float = 120) -> None:
+    """Until something listens on 127.0.0.1:port (the head's GCS); the head exiting first is an error."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ray start --head on port {port} did not come up (exit {proc.poll()})")
+        time.sleep(0.5)
+
+
+def _stop_session(proc) -> None:
+    """End exactly the processes of `proc`'s session (a raylet starts its workers in their own process groups, in
+    the same session), then reap `proc`."""
+    import signal
+    sid = proc.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    os.kill(int(d.name), signal.SIGKILL)
+    proc.wait(timeout=30)
 
 def _work_dir() -> Path:
     d = Path(os.environ.get("RIPPER_DIST_BENCH_DIR", Path(tempfile.gettempdir()) / "ripper-dist-bench"))
@@ -711,16 +742,17 @@ def bench_pipeline(args) -> None:
                                      str(folders[args.small])])
         ceiling[label] = args.small * args.seconds / r["wall_s"]
     port = 6391
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    started = subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                              "--num-cpus", str(cores),
-                              "--include-dashboard", "false", "--disable-usage-stats"], capture_output=True, text=True,
-                             env=os.environ | {"RAY_AUTH_MODE": "disabled",  # a loopback-only benchmark cluster
-                                               "RAY_worker_niceness": "0"})  # as cluster.yaml starts Ray
-    if started.returncode:
-        raise RuntimeError(started.stderr)
+    # `ray start --block` in a session of its own, stopped by killing that session (never `ray stop`: it ends every
+    # Ray process on the machine, other people's too)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block", "--head",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(cores),
+                             "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=os.environ | {"RAY_AUTH_MODE": "disabled",  # a loopback-only benchmark cluster
+                                              "RAY_worker_niceness": "0"})  # as cluster.yaml starts Ray
     rows = []
     try:
+        _wait_for_port(port, head)
         on_ray = cli + ["--engine", "ray", "--address", f"127.0.0.1:{port}"]
         for label, fmt in formats.items():
             runs = {n: _driver_run(on_ray + fmt + ["-o", str(out / f"{n}"), str(folders[n])])
@@ -734,7 +766,7 @@ def bench_pipeline(args) -> None:
             rows.append((f"1 x {args.long_minutes:g} min, {label}", args.long_minutes * 60, lr,
                          lr["driver_cpu_s"] / (args.long_minutes * 60), ceiling[label]))
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        _stop_session(head)
     print(f"# pipeline on a trivial graph (inference ~free), Ray started apart with {cores} CPUs; {_machine()}")
     print(f"# one-process ceiling per core (local engine, 1 thread, {args.small} x {args.seconds:g} s): "
           + ", ".join(f"{k} {v:.0f}x" for k, v in ceiling.items()))

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-av = pytest.importorskip("av")
+import av  # noqa: E402  (a core dependency)
 
 from ripper_dist.audio import AudioError, AudioReader, probe, resampled_length  # noqa: E402
 from ripper_dist.ffmpeg_decode import SEEKABLE, FFmpegSource, probe_ffmpeg  # noqa: E402

@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from ripper_dist import doctor, gpu_libs
 
-tomllib = pytest.importorskip("tomllib")
+import tomllib  # noqa: E402  (Python 3.11+, as CI runs)
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 LINUX_X86 = {"platform_system": "Linux", "platform_machine": "x86_64"}
 
