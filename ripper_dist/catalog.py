@@ -13,9 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .family_registry import is_msst
+
 #: The shipped catalogue. Tests point this at a catalogue of their own (small random checkpoints).
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
-ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")  # as options.ROFORMER_FAMILIES (options imports this)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Entry:
 
     @property
     def is_roformer(self) -> bool:
-        return self.family in ROFORMER_FAMILIES
+        """An MSST-style entry (one checkpoint with its YAML config), by its family (`family_registry`)."""
+        return is_msst(self.family)
 
     @property
     def stems(self) -> list[str]:

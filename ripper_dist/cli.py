@@ -285,9 +285,10 @@ def cmd_models(args) -> int:
 def cmd_export(args) -> int:
     import shutil
 
-    from .models import export_model
+    from .models import ModelChoice, export_model
     from .onnx_model import read_info
-    exported = export_model(args)
+    exported = export_model(ModelChoice(args.model, args.onnx, args.repo, args.checkpoint, args.config,
+                                        args.precision, args.explain))
     bag = len(exported.onnx_paths) > 1
     for k, p in enumerate(exported.onnx_paths):
         meta = read_info(p).raw

@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from .families import Family, family_for
-from .models import ModelBundle, export_model
-from .options import ROFORMER_FAMILIES, SeparateOptions
+from .model_ref import CONFIG, recognise
+from .models import ModelBundle, ModelChoice, export_model
+from .options import SeparateOptions
 
 WAVE = ("avg_wave", "median_wave", "min_wave", "max_wave")
 FFT = ("avg_fft", "median_fft", "min_fft", "max_fft")
@@ -96,13 +97,13 @@ def combine_fft(outs: np.ndarray, base: int, span: tuple[int, int], length: int,
 
 
 # -- the model -------------------------------------------------------------------------------------------------------
-def member_options(opts: SeparateOptions, model: str):
-    """What `export_model` needs for one member: --checkpoint/--config go to a RoFormer member, --repo to Demucs."""
-    from types import SimpleNamespace
-    roformer = model in ROFORMER_FAMILIES
-    return SimpleNamespace(model=model, repo=None if roformer else opts.repo,
-                           checkpoint=opts.checkpoint if roformer else None,
-                           config=opts.config if roformer else None, precision=opts.precision)
+def member_options(opts: SeparateOptions, model: str) -> ModelChoice:
+    """What `export_model` needs for one member: --checkpoint/--config go to the member named by its family (`-n
+    mel_band_roformer`, at most one), --repo to the others."""
+    own = recognise(model, repo=opts.repo).how == CONFIG
+    return ModelChoice(model, repo=None if own else opts.repo, checkpoint=opts.checkpoint if own else None,
+                       config=opts.config if own else None, precision=opts.precision, device=opts.device,
+                       progress=opts.progress)
 
 
 class EnsembleBundle:
@@ -116,8 +117,6 @@ class EnsembleBundle:
         self.family = "ensemble"
         self.offsets = list(np.cumsum([0] + [len(m.graphs) for m in members])[:-1])
         self.graphs = [g for m in members for g in m.graphs]
-
-    is_roformer = False
 
     def runners(self, device: str = "cpu", threads: int | None = None, models: set[int] | None = None,
                 max_batch: int | None = None, backend: str = "ort") -> list:

@@ -162,7 +162,7 @@ class DemucsFamily(Family):
         self.overlap = DEMUCS_OVERLAP if opts.overlap is None else float(opts.overlap)
         if opts.num_overlap is not None:
             raise ValueError("--num-overlap: a RoFormer option; Demucs takes --overlap")
-        if getattr(opts, "tta", False):  # an exported Demucs .onnx: its family is known only now
+        if opts.tta:  # an exported Demucs .onnx: its family is known only now
             raise ValueError(f"--tta: a RoFormer option (MSST's test-time augmentation); {self.name} is a Demucs "
                              "model: use --shifts")
         self.segment_samples = None if opts.segment is None else int(round(opts.segment * self.sample_rate))
@@ -247,7 +247,7 @@ class MsstFamily(Family):
         self.minus = minus_stems(opts)
         self.models = {0}
         self._plan = None
-        self.tta = bool(getattr(opts, "tta", False))
+        self.tta = bool(opts.tta)
         # --explain: per-band masks (graph output `band_masks`), written beside the stems as STEM.masks.npy
         self.explain = bundle.explain
         self.hop = int(json.loads(info.raw.get("ripper.stft", "{}")).get("hop_length", 0) or 0)
@@ -383,7 +383,7 @@ class _Shape:
 
 def family_for(bundle, opts: SeparateOptions) -> Family:
     """The family of an exported model (`models.ModelBundle`), with the options checked against it."""
-    if bundle.is_roformer:
+    if bundle.is_msst:
         return MsstFamily(bundle, opts)
     explain = bundle.explain
     from .engine import DemucsBag

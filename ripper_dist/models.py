@@ -7,26 +7,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 from .export_cache import ExportedModel, export_demucs_source
+from .family_registry import is_msst
+from .model_ref import CATALOGUE, CONFIG, ONNX, recognise
 from .onnx_model import GraphInfo, read_info
+from .options import SeparateOptions
 
-from .options import ROFORMER_FAMILIES
+#: check(model, its stems, its longest segment in s or None): refuses options the model cannot honour, before export
+ShapeCheck = Callable[[str, Sequence[str], Optional[float]], None]
 
 
-def export_model(opts) -> ExportedModel:
-    """The model of `opts` (`SeparateOptions`, or anything with model/repo/checkpoint/config/precision): cached graphs,
-    exported (and parity-checked) on first use."""
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to export or load, and how: the model part of `SeparateOptions` (`of`), or what the `export`
+    command was given (unvalidated there: what it cannot use fails here, before anything is exported)."""
+
+    model: str = "htdemucs"
+    onnx: Path | None = None
+    repo: Path | None = None
+    checkpoint: Path | None = None
+    config: Path | None = None
+    precision: str = "fp32"
+    explain: bool = False
+    device: str = "cpu"
+    progress: bool = True  # the download's progress bar (catalogue models)
+
+    @classmethod
+    def of(cls, opts: SeparateOptions) -> "ModelChoice":
+        return cls(opts.model, opts.onnx, opts.repo, opts.checkpoint, opts.config, opts.precision, opts.explain,
+                   opts.device, opts.progress)
+
+
+def export_model(choice: ModelChoice, check: ShapeCheck | None = None) -> ExportedModel:
+    """The chosen model: cached graphs, exported (and parity-checked) on first use. check: refuses stem and segment
+    options against the shape a local checkpoint or config states, before the export (`SeparateOptions.
+    check_model_shape`; None checks nothing)."""
     from .export_cache import with_precision
-    args, precision = opts, opts.precision
+    precision, explain = choice.precision, choice.explain
     if precision == "bf16":  # `export` reaches here without SeparateOptions: refuse before exporting anything
         from .openvino_model import bf16_problem
-        if (why := bf16_problem(getattr(opts, "device", None) or "cpu")) is not None:
+        if (why := bf16_problem(choice.device)) is not None:
             raise ValueError(f"--precision: {why}")
-    explain = bool(getattr(opts, "explain", False))
-    onnx = getattr(args, "onnx", None) or (Path(args.model) if Path(args.model).suffix == ".onnx" else None)
-    if onnx is not None:  # an exported graph (`ripper-dist export -o`): no checkpoint, no torch needed
-        path = Path(onnx)
+    ref = recognise(choice.model, repo=choice.repo, onnx=choice.onnx)
+    if ref.how == ONNX:  # an exported graph (`ripper-dist export -o`): no checkpoint, no torch needed
+        path = Path(choice.onnx or choice.model)
         if not path.is_file():
             raise FileNotFoundError(f"--onnx {path}: no such ONNX file")
         if explain and "ripper.explain" not in read_info(path).raw:
@@ -34,31 +60,30 @@ def export_model(opts) -> ExportedModel:
                              "--explain -o DIR`)")
         exported = ExportedModel(path.stem, read_info(path).family, (path,), None)
         return with_precision(exported, precision)
-    if getattr(args, "repo", None) is None and getattr(args, "checkpoint", None) is None:
-        from .catalog import lookup
-        entry = lookup(args.model)
-        if entry is not None and entry.is_roformer:  # `-n NAME` of the catalogue: download, verify, export
-            import dataclasses
+    if ref.how == CATALOGUE and ref.msst:  # `-n NAME` of the catalogue: download, verify, export
+        import dataclasses
 
-            from .export_cache import export_roformer
-            from .sources import fetch_roformer
-            if hasattr(opts, "check_model_shape"):
-                opts.check_model_shape(entry.name, entry.stems, None)
-            src = fetch_roformer(entry.name, progress=bool(getattr(opts, "progress", True)))
-            exported = export_roformer(src.family, src.config, src.checkpoint, explain=explain)
-            return with_precision(dataclasses.replace(exported, name=entry.name), precision)
-    if args.model in ROFORMER_FAMILIES:
         from .export_cache import export_roformer
-        if not args.config or not args.checkpoint:
-            raise ValueError(f"-n {args.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
-        _check_before_export(opts, lambda: _roformer_shape(Path(args.config)), Path(args.checkpoint).stem)
-        return with_precision(export_roformer(args.model, Path(args.config), Path(args.checkpoint), explain=explain),
-                              precision)
-    from .sources import resolve_demucs
-    source = resolve_demucs(args.model, repo=args.repo, checkpoint=args.checkpoint)
-    if args.repo is not None or args.checkpoint is not None:  # released names were checked by the options
+        from .sources import fetch_roformer
+        ref.check_own_files(choice.config, choice.checkpoint)
+        entry = ref.entry
+        if check is not None:
+            check(entry.name, entry.stems, None)
+        src = fetch_roformer(entry.name, progress=choice.progress)
+        exported = export_roformer(src.family, src.config, src.checkpoint, explain=explain)
+        return with_precision(dataclasses.replace(exported, name=entry.name), precision)
+    if ref.how == CONFIG:
+        from .export_cache import export_roformer
+        if not choice.config or not choice.checkpoint:
+            raise ValueError(f"-n {choice.model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
+        _check_before_export(check, lambda: _roformer_shape(Path(choice.config)), Path(choice.checkpoint).stem)
+        return with_precision(export_roformer(choice.model, Path(choice.config), Path(choice.checkpoint),
+                                              explain=explain), precision)
+    from .sources import resolve_demucs  # a released name (CATALOGUE), a bag in --repo, a --checkpoint (LOCAL)
+    source = resolve_demucs(choice.model, repo=choice.repo, checkpoint=choice.checkpoint)
+    if choice.repo is not None or choice.checkpoint is not None:  # released names were checked by the options
         from .export_cache import demucs_shape
-        _check_before_export(opts, lambda: demucs_shape(source), source.name)
+        _check_before_export(check, lambda: demucs_shape(source), source.name)
     return with_precision(export_demucs_source(source, explain=explain), precision)
 
 
@@ -74,14 +99,14 @@ def _roformer_shape(config: Path) -> tuple[list[str], None] | None:
     return output_stems(cfg.instruments, cfg.target_instrument), None
 
 
-def _check_before_export(opts, shape, label: str) -> None:
+def _check_before_export(check: ShapeCheck | None, shape, label: str) -> None:
     """Refuse stem/segment options the model cannot honour before exporting it (seconds to minutes), from what its
-    checkpoint or config says. Only options objects that have such options (`SeparateOptions`) are checked."""
-    if not hasattr(opts, "check_model_shape"):
+    checkpoint or config says (read only when there is something to check)."""
+    if check is None:
         return
     found = shape()
     if found is not None:
-        opts.check_model_shape(label, *found)
+        check(label, *found)
 
 
 @dataclass
@@ -113,13 +138,14 @@ class ModelBundle:
         return self.infos[0]
 
     @property
-    def is_roformer(self) -> bool:
-        return self.family in ROFORMER_FAMILIES
+    def is_msst(self) -> bool:
+        """An MSST-style (RoFormer) model, by its graphs' family (`family_registry`)."""
+        return is_msst(self.family)
 
     @property
     def sources(self) -> list[str]:
         """The stems this model writes. RoFormer with a target instrument: the target plus its complement."""
-        if self.is_roformer:
+        if self.is_msst:
             from .msst_chunking import output_stems
             return output_stems(self.instruments, self.target_instrument)
         return list(self.info.sources)
@@ -161,7 +187,7 @@ class ModelBundle:
 
     def roformer_runner(self, device: str = "cpu", threads: int | None = None,
                         max_batch: int | None = None, backend: str = "ort"):
-        if not self.is_roformer:
+        if not self.is_msst:
             raise ValueError(f"{self.name} is a {self.family} model, not a RoFormer")
         return self.runners(device, threads, max_batch=max_batch, backend=backend)[0]
 
@@ -169,7 +195,7 @@ class ModelBundle:
                    max_batch: int | None = None, backend: str = "ort"):
         """The engine's `DemucsBag` over ONNX Runtime runners."""
         from .engine import DemucsBag
-        if self.is_roformer:
+        if self.is_msst:
             raise ValueError(f"{self.name} is a {self.family} model, not Demucs")
         return DemucsBag(self.runners(device, threads, models, max_batch, backend=backend), self.full_weights,
                          [i.segment_samples for i in self.infos], self.sources, self.info.sample_rate,

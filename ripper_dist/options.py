@@ -15,6 +15,7 @@ from pathlib import Path
 from .audio import CLIP_MODES, WRITE_SUBTYPES
 from .device import canonical
 from .encoders import BITRATE_FORMATS, unavailable
+from .model_ref import CATALOGUE, CONFIG, LOCAL, ONNX, ModelRef, recognise, released_names
 from .stem_sink import DEFAULT_TEMPLATE, check_template
 from .watchdog import DEFAULT_CHUNK_TIMEOUT_S, DEFAULT_TRACK_TIMEOUT_S, Limits
 
@@ -23,7 +24,6 @@ OTHER_METHODS = ("add", "minus", "none")
 #: `--ensemble` algorithms (ripper_dist.ensemble), named as in audio-separator and MSST.
 ENSEMBLE_ALGORITHMS = ("avg_wave", "median_wave", "min_wave", "max_wave", "avg_fft", "median_fft", "min_fft",
                        "max_fft")
-ROFORMER_FAMILIES = ("mel_band_roformer", "bs_roformer")
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,7 @@ class SeparateOptions:
         set_("clip_mode", str(self.clip_mode).lower())
         set_("ensemble", str(self.ensemble).lower())
         if self.repo is None and self.onnx is None:  # a catalogue alias (`-n MelBandRoformer.ckpt`) -> its name
-            from .catalog import lookup
-            names = [(e.name if (e := lookup(m)) is not None else m) for m in self.members]
+            names = [recognise(m).name for m in self.members]
             set_("model", ",".join(names) if len(names) > 1 or names[0] != self.model else self.model)
         if isinstance(self.ensemble_weights, str):
             try:
@@ -201,34 +200,32 @@ class SeparateOptions:
                      if v is not None]
             if given:
                 bad(option, f"an exported graph carries its model: drop {', '.join(given)}")
-        for model in members if self.onnx is None else ():
-            if Path(model).suffix == ".onnx":
+        refs = self.model_refs
+        for ref in refs if self.onnx is None else ():
+            model = ref.model
+            if ref.how == ONNX:
                 if not Path(model).is_file():
                     bad("-n", f"{model}: no such ONNX file")
-            elif (entry := _catalog_roformer(model, self)) is not None:
-                given = [o for o, v in (("--config", self.config), ("--checkpoint", self.checkpoint)) if v is not None]
-                if given and len(members) == 1:
-                    bad("-n", f"{model} is a catalogue model: it brings its config and checkpoint (drop "
-                              f"{', '.join(given)}, or use -n {entry.family} with them)")
+            elif ref.how == CATALOGUE and ref.msst:
+                if len(members) == 1:
+                    ref.check_own_files(self.config, self.checkpoint)
                 from .sources import refuse_unexportable
-                refuse_unexportable(entry)  # before anything is downloaded: one line naming the options
+                refuse_unexportable(ref.entry)  # before anything is downloaded: one line naming the options
                 refuse_demucs_options(self, model)
-                self.check_model_shape(model, entry.stems, None)
-            elif model in ROFORMER_FAMILIES:
+                self.check_model_shape(model, ref.entry.stems, None)
+            elif ref.how == CONFIG:
                 if not self.config or not self.checkpoint:
                     bad("-n", f"{model} needs --config CONFIG.yaml and --checkpoint MODEL.ckpt")
                 refuse_demucs_options(self, model)
-            elif self.repo is None and (self.checkpoint is None or len(members) > 1):
-                from .sources import RELEASED
-                if model in RELEASED:  # an unknown name fails when resolved (sources), still before any loading
-                    self._check_released(model)
+            elif ref.how == CATALOGUE and (self.checkpoint is None or len(members) > 1):
+                # a released Demucs model, checked by its known shape (an unknown name fails when resolved)
+                self.check_model_shape(model, ref.entry.stems, ref.entry.segment_s)
         if self.tta and self.onnx is None:  # a Demucs model by its name: refused before anything is loaded
-            demucs = [m for m in members if Path(m).suffix != ".onnx" and m not in ROFORMER_FAMILIES
-                      and _catalog_roformer(m, self) is None]
+            demucs = [r.model for r in refs if r.demucs]
             if demucs:
                 bad("--tta", f"a RoFormer option (MSST's test-time augmentation); {demucs[0]} is a Demucs model: "
                              "use --shifts")
-        if sum(m in ROFORMER_FAMILIES for m in members) > 1:
+        if sum(r.how == CONFIG for r in refs) > 1:
             bad("-n", "one --config/--checkpoint pair serves one RoFormer: export the others "
                       "(`ripper-dist export ... -o DIR`) and list their .onnx files")
         if self.ensemble not in ENSEMBLE_ALGORITHMS:
@@ -240,7 +237,7 @@ class SeparateOptions:
                 bad("--ensemble-weights", f"{len(self.ensemble_weights)} weights for {len(members)} models")
             if any(not w >= 0 for w in self.ensemble_weights) or not sum(self.ensemble_weights) > 0:
                 bad("--ensemble-weights", "weights must be >= 0 and not all 0")
-        if len(members) > 1 and self.checkpoint and not any(m in ROFORMER_FAMILIES for m in members):
+        if len(members) > 1 and self.checkpoint and not any(r.how == CONFIG for r in refs):
             bad("--checkpoint", "a single Demucs checkpoint is one model, not an ensemble member: use --repo")
         for path, option in ((self.repo, "--repo"), (self.checkpoint, "--checkpoint"), (self.config, "--config"),
                              (self.then_repo, "--then-repo")):
@@ -254,12 +251,6 @@ class SeparateOptions:
         for stem, model in self.then:
             if not stem or not model:
                 bad("--then", "expected STEM=MODEL, e.g. other=htdemucs")
-
-    def _check_released(self, model: str) -> None:
-        """What can be checked against a released model's known shape before it is downloaded or exported."""
-        from .sources import released_info
-        info = released_info(model)
-        self.check_model_shape(model, info["sources"], info["segment_s"])
 
     def check_model_shape(self, model: str, sources, segment_s: float | None) -> None:
         """--stems/--two-stems/--segment against a model's stems and longest segment (None: no Demucs segment), known
@@ -277,12 +268,10 @@ class SeparateOptions:
     def check_model_names(self) -> None:
         """A plain `-n` name without --repo/--checkpoint must be a catalogue model (checked before OUT is created;
         not in `validate`, so options naming models of a repo can be built before the repo is given)."""
-        from .catalog import lookup
-        from .sources import RELEASED
-        for model in self.members if self.onnx is None and self.repo is None else ():
-            if Path(model).suffix != ".onnx" and model not in ROFORMER_FAMILIES and model not in RELEASED \
-                    and lookup(model) is None and (self.checkpoint is None or self.is_ensemble):
-                raise ValueError(f"-n: unknown model {model!r}; released models: {', '.join(RELEASED)} and the "
+        for ref in self.model_refs if self.onnx is None and self.repo is None else ():
+            if ref.how == LOCAL and (self.checkpoint is None or self.is_ensemble):
+                raise ValueError(f"-n: unknown model {ref.model!r}; released models: "
+                                 f"{', '.join(released_names())} and the "
                                  "RoFormers of `ripper-dist models`; or give --repo DIR, --checkpoint FILE.th or "
                                  "--onnx FILE.onnx")
 
@@ -297,8 +286,9 @@ class SeparateOptions:
         return len(self.members) > 1
 
     @property
-    def is_roformer(self) -> bool:
-        return self.model in ROFORMER_FAMILIES or _catalog_roformer(self.model, self) is not None
+    def model_refs(self) -> tuple[ModelRef, ...]:
+        """What each model of `-n` names (`model_ref.recognise`, with this --repo and --onnx)."""
+        return tuple(recognise(m, repo=self.repo, onnx=self.onnx) for m in self.members)
 
     @property
     def model_name(self) -> str:
@@ -307,9 +297,9 @@ class SeparateOptions:
             return self.label
         if self.onnx is not None:
             return self.onnx.stem
-        names = [Path(m).stem if Path(m).suffix == ".onnx" else Path(self.checkpoint).stem
-                 if self.checkpoint is not None and (m in ROFORMER_FAMILIES or len(self.members) == 1) else m
-                 for m in self.members]
+        names = [Path(r.model).stem if r.how == ONNX else Path(self.checkpoint).stem
+                 if self.checkpoint is not None and (r.how == CONFIG or len(self.members) == 1) else r.model
+                 for r in self.model_refs]
         return "+".join(names)  # an ensemble: its members' names, as `EnsembleBundle.name`
 
     def layout(self):
@@ -335,15 +325,6 @@ class SeparateOptions:
             self, model=model, onnx=None, checkpoint=None, config=None, repo=self.then_repo, stems=None,
             two_stems=None, other_method=None, segment=None, num_overlap=None, overlap=None, then=(), tta=False,
             label=f"{self.model_name}.{stem}.{model}", filename=template, ensemble_weights=None)
-
-
-def _catalog_roformer(model: str, opts: SeparateOptions):
-    """The catalogue RoFormer `-n model` names (None without one, or when --repo/--checkpoint say otherwise)."""
-    if opts.repo is not None or opts.onnx is not None:
-        return None
-    from .catalog import lookup
-    entry = lookup(model)
-    return entry if entry is not None and entry.is_roformer else None
 
 
 def refuse_demucs_options(opts: SeparateOptions, family: str) -> None:

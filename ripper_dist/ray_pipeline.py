@@ -36,14 +36,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from . import ray_connect
 from .error_log import format_traceback, one_line
 from .families import Family
-from .manifest import RowContext
+from .manifest import Manifest, RowContext
 from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
 from .progress import Progress
@@ -51,12 +51,36 @@ from .span_work import TrackPlan, check_unchanged, open_reader, plan_track, run_
 from .stem_sink import StemLayout, StemOutput
 from .watchdog import Deadline, Limits, guard, run_with_deadline
 
-if TYPE_CHECKING:
-    from .separator import Job
-
 SPAN_SECONDS_MAX = 120  # per span: ~170 MB of htdemucs float32 stems in flight at most, ~5% calls run twice at cuts
 SPAN_SECONDS_MIN = 15   # a span shorter than this spends more on its edge chunks than spreading gains
 ROW_COLUMNS = ("kind", "track_idx", "seconds", "duration_s", "row")  # all the driver receives
+
+
+class RayJob(Protocol):
+    """What the Ray engine takes of a planned job (`separator.Job` is one): the tracks to do and where their rows and
+    stems go. Structural, so this module depends on neither the job planner nor the command line."""
+
+    opts: SeparateOptions
+    family: Family
+    todo: list                # `inputs.TrackInput`s: .path, .track
+    key: str                  # the options key: names the span parts, marks the rows
+    manifest: Manifest
+    load_s: float             # loading time so far; starting Ray is added to it (not in the x-realtime)
+
+    @property
+    def bundle(self): ...     # .graphs: the ONNX graph bytes, one per sub-model
+
+    @property
+    def out_dir(self) -> Path: ...
+
+    @property
+    def layout(self) -> StemLayout: ...
+
+    def rows(self, engine: str) -> RowContext: ...
+
+    def record(self, row: dict) -> dict: ...
+
+    def stem_folders(self) -> list[Path]: ...
 
 
 @dataclass(frozen=True)
@@ -477,7 +501,7 @@ class _Totals:
         return self.seconds * self.n / len(self.known)
 
 
-def run_ray(job: "Job", *, make_runners=onnx_runners) -> list[dict]:
+def run_ray(job: RayJob, *, make_runners=onnx_runners) -> list[dict]:
     """Run the job's tracks on Ray; returns their rows (also recorded in the manifest as they arrive).
 
     make_runners(graphs, device, threads, max_batch): builds an actor's runners (default: ONNX Runtime sessions)."""

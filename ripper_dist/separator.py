@@ -18,7 +18,7 @@ from .families import Family, family_for
 from .hashing import options_key, sha256_file
 from .inputs import TrackInput, assign_tracks, expand_inputs
 from .manifest import Manifest, RowContext
-from .models import ModelBundle, export_model
+from .models import ModelBundle, ModelChoice, export_model
 from .options import SeparateOptions
 from . import parts
 from .progress import Progress
@@ -105,7 +105,7 @@ def load_model(opts: SeparateOptions) -> tuple:
     if opts.is_ensemble:
         from .ensemble import load_ensemble
         return load_ensemble(opts)
-    bundle = ModelBundle.from_exported(export_model(opts))
+    bundle = ModelBundle.from_exported(export_model(ModelChoice.of(opts), check=opts.check_model_shape))
     return bundle, family_for(bundle, opts)
 
 

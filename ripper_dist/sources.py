@@ -23,7 +23,8 @@ OFFICIAL_ROOT_URL = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
 def _released() -> tuple[dict, dict, dict]:
     """The catalogue's Demucs releases in the shapes this module has always offered (tests patch RELEASED)."""
     from . import catalog
-    demucs = [e for e in catalog.entries().values() if e.family == "htdemucs"]
+    from .family_registry import local_family
+    demucs = [e for e in catalog.entries().values() if e.family == local_family()]
     return ({e.name: ([f.name for f in e.files], e.weights, None) for e in demucs},
             {e.name: {"sources": e.stems, "segment_s": e.segment_s,
                       "sdr_db": next((s["values"]["sdr_db"] for s in e.raw.get("scores") or []

@@ -11,13 +11,14 @@ def _type_checking_only(node: ast.If) -> bool:
     return isinstance(node.test, (ast.Name, ast.Attribute)) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def _imports(package: str, path: Path) -> set[str]:
-    """Modules of our two packages imported anywhere in the file (resolved to module names)."""
+def _imports(package: str, path: Path, typing_too: bool = False) -> set[str]:
+    """Modules of our two packages imported anywhere in the file (resolved to module names); imports only for type
+    checkers too with `typing_too`."""
     found = set()
 
     def visit(node):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _type_checking_only(child):
+            if isinstance(child, ast.If) and _type_checking_only(child) and not typing_too:
                 continue
             if isinstance(child, ast.ImportFrom):
                 base = child.module or ""
@@ -83,3 +84,27 @@ def test_the_torch_side_does_not_import_the_runtime():
 def test_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _reached(graph, start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph[todo.pop()] - seen:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
+def test_the_ray_engine_depends_on_neither_the_planner_nor_the_cli():
+    """`ray_pipeline` takes a planned job by its shape (`RayJob`): no import of `separator` or `cli`, even lazily or
+    for type checkers."""
+    planner = {"ripper_dist.separator", "ripper_dist.cli", "ripper_dist.api"}
+    assert not _imports("ripper_dist", PACKAGES["ripper_dist"] / "ray_pipeline.py", typing_too=True) & planner
+    reached = _reached(_graph(), "ripper_dist.ray_pipeline")
+    assert not reached & planner, sorted(reached)
+
+
+def test_the_family_table_is_a_leaf():
+    """`family_registry` imports nothing of the package: the catalogue, the options and the workers all read it."""
+    assert _graph()["ripper_dist.family_registry"] == set()
+    assert "ripper_dist.family_registry" in _reached(_graph(), "ripper_dist.model_ref")

@@ -80,3 +80,13 @@ def test_roformer_config_stems_refused_before_export(tmp_path, no_export, capsys
     assert "--two-stems:" in err and "has no drums" in err and "vocals" in err, err
     with pytest.raises(_Exported):
         _run(tmp_path, *base, "--stems", "vocals")
+
+
+def test_the_check_is_given_the_checkpoints_shape(repo, no_export):
+    """`export_model` hands the caller's check what the checkpoint states; the export command passes none."""
+    seen = []
+    with pytest.raises(_Exported):
+        models.export_model(models.ModelChoice("bag", repo=repo), check=lambda *shape: seen.append(shape))
+    assert seen == [("bag", ["drums", "bass", "other", "vocals"], pytest.approx(1.0))]
+    with pytest.raises(_Exported):
+        models.export_model(models.ModelChoice("bag", repo=repo))
