@@ -46,6 +46,7 @@ from .families import Family
 from .manifest import Manifest, RowContext
 from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
+from .placement import ActorShape, actor_shape
 from .progress import Progress
 from .span_work import TrackPlan, check_unchanged, open_reader, plan_track, run_span, stem_sink
 from .stem_sink import StemLayout, StemOutput
@@ -66,6 +67,7 @@ class RayJob(Protocol):
     key: str                  # the options key: names the span parts, marks the rows
     manifest: Manifest
     load_s: float             # loading time so far; starting Ray is added to it (not in the x-realtime)
+    placement: str            # set here: the actor pool, for the summary
 
     @property
     def bundle(self): ...     # .graphs: the ONNX graph bytes, one per sub-model
@@ -454,23 +456,12 @@ class RayEngine:
                 self._quiet = None
 
 
-def pool_shape(opts: SeparateOptions, resources: dict) -> dict:
-    """Actors and their resources: one per GPU, or CPU actors whose ORT threads add up to the cores."""
+def pool_shape(opts: SeparateOptions, resources: dict) -> ActorShape:
+    """The actor pool for this job on a cluster with `resources` (`placement.actor_shape`: the rule and why)."""
     from .device import is_gpu, parse_device
-    if is_gpu(opts.device):
-        gpus = int(resources.get("GPU", 0))
-        if gpus < 1:
-            raise RuntimeError(f"--device {opts.device}: the Ray cluster has no GPUs")
-        kind = parse_device(opts.device)[0]
-        return dict(actors=opts.actors or gpus, num_gpus=1, num_cpus=0.5, threads=opts.threads or 1,
-                    device=f"{kind}:0")  # Ray sets CUDA_VISIBLE_DEVICES per actor
-    cpus = int(resources.get("CPU", 1))
-    # Several narrow actors beat one wide one: an op parallelised over all cores stalls whenever a planning or
-    # finishing task takes one of them. Wider actors on big machines keep the number of sessions (memory) sane.
-    threads = opts.threads or max(1, min(4, cpus // 4))
-    actors = opts.actors or max(1, cpus // threads)
-    # Logical CPUs a little under the threads, so planning and finishing tasks (0.25 CPU) always find room.
-    return dict(actors=actors, num_gpus=0, num_cpus=0.75 * threads, threads=threads, device="cpu")
+    kind = parse_device(opts.device)[0] if is_gpu(opts.device) else None
+    return actor_shape(gpu_kind=kind, cpus=int(resources.get("CPU", 1)), gpus=int(resources.get("GPU", 0)),
+                       actors=opts.actors, threads=opts.threads)
 
 
 def block_bytes(n_tracks: int, actors: int) -> int:
@@ -523,8 +514,9 @@ def run_ray(job: RayJob, *, make_runners=onnx_runners) -> list[dict]:
 
         from .onnx_model import batch_plan
         shape = pool_shape(opts, ray.cluster_resources())
-        few = len(tracks) < 2 * shape["actors"]
-        engine.data_context(block_bytes(len(tracks), shape["actors"]))
+        job.placement = f"Ray, {shape.describe()}"
+        few = len(tracks) < 2 * shape.actors
+        engine.data_context(block_bytes(len(tracks), shape.actors))
         family = job.family
         here: dict = {}
         io = None
@@ -536,21 +528,21 @@ def run_ray(job: RayJob, *, make_runners=onnx_runners) -> list[dict]:
                 family.sample_rate, family.channels)
         spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
                        layout=job.layout, output=opts.output(), n_tracks=len(tracks),
-                       actors=shape["actors"], io=io, limits=opts.limits())
+                       actors=shape.actors, io=io, limits=opts.limits())
         graph_refs = [ray.put(g) if m in family.models else None for m, g in enumerate(job.bundle.graphs)]
-        rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape["device"])
+        rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape.device)
         items = [{"track_idx": i, "path": str(t.path), "track": t.track} for i, t in tracks.items()]
-        ds = ray.data.from_items(items, override_num_blocks=source_blocks(len(items), shape["actors"]))
+        ds = ray.data.from_items(items, override_num_blocks=source_blocks(len(items), shape.actors))
         ds = ds.flat_map(_plan, fn_kwargs=dict(spec=spec), num_cpus=0.25, **here)
         ds = ds.map_batches(
             SpanSeparator, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs=dict(graph_refs=graph_refs, spec=spec, device=shape["device"],
-                                       threads=shape["threads"], batch_size=rows_per_call, fit_gpu=fit_gpu,
+            fn_constructor_kwargs=dict(graph_refs=graph_refs, spec=spec, device=shape.device,
+                                       threads=shape.threads, batch_size=rows_per_call, fit_gpu=fit_gpu,
                                        make_runners=make_runners),
             # few tracks: one span per actor at a time, so a second actor is not left idle behind a busy first
-            compute=ray.data.ActorPoolStrategy(size=shape["actors"],
+            compute=ray.data.ActorPoolStrategy(size=shape.actors,
                                                max_tasks_in_flight_per_actor=1 if few else 2),
-            num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"])
+            num_cpus=shape.num_cpus, num_gpus=shape.num_gpus)
         ds = ds.map_batches(_finish, fn_kwargs=dict(spec=spec), batch_size=1, batch_format="numpy", num_cpus=0.25,
                             **here)
         progress = Progress(None, enabled=opts.progress)

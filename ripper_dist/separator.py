@@ -20,7 +20,7 @@ from .inputs import TrackInput, assign_tracks, expand_inputs
 from .manifest import Manifest, RowContext
 from .models import ModelBundle, ModelChoice, export_model
 from .options import SeparateOptions
-from . import parts
+from . import parts, placement
 from .progress import Progress
 
 
@@ -37,6 +37,7 @@ class Job:
     started: float = field(default_factory=time.time)
     load_s: float = 0.0  # model export/loading before the first track (not counted in the x-realtime)
     refused: list[TrackInput] = field(default_factory=list)  # not regular files or unreadable: rows, never opened
+    placement: str = ""  # where the model calls ran, for the summary (`placement`)
 
     @property
     def errors(self) -> ErrorLog:
@@ -171,7 +172,8 @@ def summary(job: Job, rows: list[dict], wall_s: float) -> str:
     where = job.layout.template.format(model=job.opts.model_name, track="<track>", trackext="<ext>", stem="<stem>",
                                        ext=job.opts.format)
     lines = [f"{len(done)} done, {len(failed)} failed, {job.skipped} skipped (already done) of {len(job.tracks)} "
-             f"inputs; {audio:.1f} s of audio separated in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime; "
+             f"inputs; {audio:.1f} s of audio separated in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime"
+             f"{f' on {job.placement}' if job.placement else ''}; "
              f"model export/loading {job.load_s:.1f} s not counted)",
              f"stems in {job.out_dir / where}, metadata in {job.manifest.path}"]
     for r in failed[:20]:
@@ -213,6 +215,11 @@ def run_local(job: Job) -> list[dict]:
     backend = backend_of(runners)
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
+    from .device import is_gpu
+    from .onnx_model import _usable_cores
+    threads = opts.threads or _usable_cores()
+    job.placement = (f"this process, {opts.device}" if is_gpu(opts.device) else
+                     f"this process, {threads} {backend or 'cpu'} thread{'s' if threads != 1 else ''}")
     job.load_s += time.monotonic() - t0  # the sessions: loading, not separating
     rows_ctx = job.rows("local")
     progress = Progress(total_duration(job.todo, opts.limits()), enabled=opts.progress)
@@ -240,12 +247,9 @@ def run_local(job: Job) -> list[dict]:
 
 
 def choose_engine(opts: SeparateOptions, n_todo: int) -> str:
-    """`--engine auto`: Ray, except for one track on this machine, where starting Ray, its actors and their sessions
-    (5 to 8 s on two cores) costs more than spreading the chunks gains (60 s track: 19.5 s local, 28.1 s Ray)."""
-    if opts.engine != "auto":
-        return opts.engine
-    parallel = opts.actors is not None and opts.actors > 1  # -j N: N workers, even on one track (its spans)
-    return "ray" if opts.ray_address() or not opts.shared_fs or n_todo > 1 or parallel else "local"
+    """`--engine auto` for this job (`placement.choose_engine`: the rule and why)."""
+    return placement.choose_engine(opts.engine, n_tracks=n_todo, address=opts.ray_address(), shared_fs=opts.shared_fs,
+                                   actors=opts.actors)
 
 
 def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> int:

@@ -276,11 +276,13 @@ def test_one_actor_per_logical_gpu(env):
 
 def test_pool_shape_and_blocks():
     gpu = pool_shape(SeparateOptions(device="cuda"), {"CPU": 32, "GPU": 4})
-    assert gpu["actors"] == 4 and gpu["num_gpus"] == 1 and gpu["device"] == "cuda:0"
+    assert gpu.actors == 4 and gpu.num_gpus == 1 and gpu.device == "cuda:0"
     trt = pool_shape(SeparateOptions(device="TensorRT:1", actors=2), {"CPU": 32, "GPU": 4})
-    assert trt["actors"] == 2 and trt["device"] == "tensorrt:0"
+    assert trt.actors == 2 and trt.device == "tensorrt:0"
     cpu = pool_shape(SeparateOptions(), {"CPU": 16})
-    assert cpu["actors"] * cpu["threads"] == 16 and cpu["num_gpus"] == 0
+    assert cpu.actors * cpu.threads == 16 and cpu.num_gpus == 0
+    assert pool_shape(SeparateOptions(threads=2, actors=3), {"CPU": 16}) == pool_shape(
+        SeparateOptions(threads=2, actors=3), {"CPU": 2})  # the user's -j/--threads win
     with pytest.raises(RuntimeError, match="no GPUs"):
         pool_shape(SeparateOptions(device="cuda"), {"CPU": 4})
     assert block_bytes(1, 2) == 1 and block_bytes(100, 8) > 1  # few tracks: a span per block, to spread
