@@ -396,8 +396,11 @@ def child_track(seconds: float, name: str, seed: int) -> dict:
 
 def child_cli(argv: list[str]) -> dict:
     t0 = time.perf_counter()
-    rc = subprocess.call(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"wall_s": time.perf_counter() - t0, "rc": rc}
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:  # a failed contender says why (its time means nothing)
+        print(f"# {' '.join(argv[:6])} ...: exit {proc.returncode}: {proc.stderr.strip()[-600:]}", file=sys.stderr)
+    return {"wall_s": wall, "rc": proc.returncode}
 
 
 def _shm_used() -> int:
@@ -653,6 +656,84 @@ def _bench_cli(args, bg) -> None:
           f"{up[0] / walls['ripper-dist (default)'][0]:.2f}x {up[1] / walls['ripper-dist (default)'][1]:.2f}x, "
           f"Ray job {up[0] / walls['ripper-dist --engine ray'][0]:.2f}x {up[1] / walls['ripper-dist --engine ray'][1]:.2f}x"
           " (peak RSS: this process; Ray workers not included)")
+
+
+def _folder_tracks(n: int, seconds: float) -> Path:
+    """A folder of n different music-like tracks (made in children: the parent's peak RSS stays small)."""
+    folder = _work_dir() / "folder" / f"{n}x{seconds:g}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        link = folder / f"song{i:02d}.wav"
+        if not link.exists():
+            src = Path(_run_measured("track", seconds=seconds, name=f"folder{i}", seed=100 + i)["path"])
+            os.link(src, link)
+    return folder
+
+
+def _placement_argv(spec: str) -> list[str]:
+    """`default` | `local:T` (the one-process engine, T threads) | `ray:AxT` (A actors of T threads)."""
+    if spec == "default":
+        return []
+    kind, _, shape = spec.partition(":")
+    if kind == "local":
+        return ["--engine", "local", "--threads", shape]
+    if kind == "ray":
+        actors, _, threads = shape.partition("x")
+        return ["--engine", "ray", "-j", actors, "--threads", threads]
+    raise SystemExit(f"--placements: {spec!r} is not default, local:T or ray:AxT")
+
+
+def bench_folder(args) -> None:
+    """A folder as a user separates it: the default command and explicit placements against `demucs -j N`, whole
+    processes, interleaved rounds; then the default's worst stem against upstream's."""
+    import statistics
+
+    import soundfile as sf
+    prep = _run_measured("prepare", model=args.model, threads=1, precision=args.precision)
+    if args.precision != "fp32":
+        print(f"# {args.precision} graph: {prep.get(f'{args.precision}_sdr_db')} dB from fp32 (checked when made)")
+    repo, name = prep["repo"], prep["name"]
+    folder = _folder_tracks(args.tracks, args.seconds)
+    files = sorted(str(f) for f in folder.iterdir())
+    out = _work_dir() / "folder-out"
+    jobs = args.jobs or os.cpu_count()
+    contenders = [(f"demucs -j {jobs}", [sys.executable, "-m", "demucs", "--repo", repo, "-n", name, "--shifts", "0",
+                                         "-j", str(jobs), "-d", "cpu", "-o", str(out / "demucs")] + files)]
+    if args.plain_demucs:
+        contenders.append(("demucs", [sys.executable, "-m", "demucs", "--repo", repo, "-n", name, "--shifts", "0",
+                                      "-d", "cpu", "-o", str(out / "demucs-plain")] + files))
+    for spec in args.placements:
+        label = "ripper-dist" + (f" {spec}" if spec != "default" else " (default)")
+        contenders.append((label, [sys.executable, "-m", "ripper_dist.cli", "separate", "--force", "--no-progress",
+                                   "--repo", repo, "-n", name, "--precision", args.precision]
+                           + _placement_argv(spec) + ["-o", str(out / spec.replace(":", "-")), str(folder)]))
+    runs: dict[str, list[dict]] = {label: [] for label, _ in contenders}
+    loads = []
+    for _ in range(args.rounds):  # alternating, so a noisy stretch hits every contender alike
+        loads.append(os.getloadavg()[0])
+        for label, argv in contenders:
+            runs[label].append(_run_measured("cli", argv=argv))
+    audio = args.tracks * args.seconds
+    print(f"# folder of {args.tracks} x {args.seconds:g} s ({name}, {args.precision}), whole processes, "
+          f"{args.rounds} alternating rounds; {_machine()}; load average (1 min) at each round's start: "
+          + ", ".join(f"{x:.1f}" for x in loads))
+    print(f"{'contender':<34}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
+    walls = {}
+    for label, _ in contenders:
+        w = [r["wall_s"] for r in runs[label]]
+        walls[label] = (min(w), statistics.median(w))
+        print(f"{label:<34}{min(w):>11.2f}{walls[label][1]:>11.2f}{audio / min(w):>12.3f}"
+              f"{max(r['peak_rss_mb'] for r in runs[label]):>13.0f}  {','.join(str(r['rc']) for r in runs[label])}")
+    base = walls[contenders[0][0]]
+    for label, _ in contenders[1:]:
+        print(f"{label} / {contenders[0][0]} speed: {base[0] / walls[label][0]:.2f}x (min) "
+              f"{base[1] / walls[label][1]:.2f}x (median)")
+    theirs = {p.relative_to(out / "demucs"): p for p in (out / "demucs").rglob("*.wav")}
+    mine_root = out / args.placements[0].replace(":", "-")
+    worst = min((sdr_db(sf.read(p, dtype="float32")[0], sf.read(mine_root / rel, dtype="float32")[0]), str(rel))
+                for rel, p in theirs.items())
+    print(f"worst stem of ripper-dist {args.placements[0]} vs demucs: {worst[0]:.1f} dB SDR ({worst[1]}; "
+          f"{len(theirs)} stems; demucs writes 16-bit WAV, so the floor is its quantisation)")
 
 
 def _busy_cpu_s() -> float:
@@ -979,29 +1060,37 @@ def bench_graph(args) -> None:
     info = read_info(args.files[0].partition(":")[0])
     x = np.random.default_rng(0).standard_normal((args.batch_size, info.channels, info.chunk_samples))
     x = x.astype(np.float32)
-    outs, times = {}, {spec: [] for spec, _ in sessions}
+    outs, times, cpu = {}, {spec: [] for spec, _ in sessions}, {spec: [] for spec, _ in sessions}
     for spec, sess in sessions:  # warm-up
         outs[spec] = sess.run(None, {"mix": x})[0]
     for _ in range(args.reps):
         for spec, sess in sessions:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             sess.run(None, {"mix": x})
             times[spec].append((time.perf_counter() - t0) / args.batch_size)
+            cpu[spec].append((time.process_time() - c0) / args.batch_size)
     ref = outs[sessions[0][0]].astype(np.float64)
     print(f"# per-chunk ONNX Runtime time, {info.family}, chunk {info.chunk_samples}, batch {args.batch_size}, "
-          f"{args.threads} threads, {args.reps} interleaved reps; {_machine()}")
+          f"{args.threads} threads, {args.reps} interleaved reps; load average {os.getloadavg()[0]:.1f}; "
+          f"{_machine()}")
+    # cpu: the process's CPU seconds per chunk (all threads). With `nospin` it is the work itself and holds up on a
+    # loaded machine, where the wall time mostly measures the other processes.
     for spec, ts in times.items():
         sdr = sdr_db(ref, outs[spec])
-        print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; vs first {sdr:6.1f} dB")
+        print(f"{spec:<48} min {min(ts):7.3f} s  median {np.median(ts):7.3f} s per chunk; "
+              f"cpu min {min(cpu[spec]):7.3f} median {np.median(cpu[spec]):7.3f} s; vs first {sdr:6.1f} dB")
 
 
-def _node_gflop(op: str, ins: list, outs: list) -> float:
+def _node_gflop(op: str, ins: list, outs: list, weight: list | None = None) -> float:
     """Multiply-adds x 2 of one profiled node from its input/output shapes (ORT's profiler records them); 0 for
-    everything that is not a MatMul, Gemm or convolution (elementwise work is bandwidth, not FLOPs)."""
+    everything that is not a MatMul, Gemm or convolution (elementwise work is bandwidth, not FLOPs).
+    weight: the shape of the node's weight initializer (from the model file) where the profile leaves it out."""
     import math
     prod = lambda s: math.prod(s) if s else 0  # noqa: E731
     if not outs or not ins:
         return 0.0
+    if op == "ConvTranspose" and weight:  # weight (Cin, Cout/groups, k...): every input element meets W[ci]
+        return 2 * prod(ins[0]) * prod(weight[1:]) / 1e9
     # ORT lists only the non-constant inputs' shapes: a MatMul by a weight initializer shows one input, so its
     # FLOPs come from the activation's inner size and the output (K x output elements)
     if op in ("MatMul", "FusedMatMul", "MatMulNBits", "Gemm") and ins[0]:
@@ -1064,6 +1153,11 @@ def bench_ops(args) -> None:
     runs = [e for e in events if e.get("name") == "model_run"]
     start = runs[1]["ts"] if len(runs) > 1 else 0  # skip the warm-up run
     per_op = collections.defaultdict(lambda: [0.0, 0.0, 0])  # op -> [seconds, GFLOP, nodes]
+    import onnx
+    graph = onnx.load(args.file, load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    weights = {n.name: dims[n.input[1]] for n in graph.node  # the profile omits constant inputs' shapes
+               if n.op_type == "ConvTranspose" and len(n.input) > 1 and n.input[1] in dims}
 
     def shapes(key, e):
         return [next(iter(d.values())) for d in e["args"].get(key, [])]
@@ -1073,7 +1167,8 @@ def bench_ops(args) -> None:
         op = e["args"].get("op_name", "?")
         rec = per_op[op]
         rec[0] += e["dur"] / 1e6 / args.runs
-        rec[1] += _node_gflop(op, shapes("input_type_shape", e), shapes("output_type_shape", e)) / args.runs
+        rec[1] += _node_gflop(op, shapes("input_type_shape", e), shapes("output_type_shape", e),
+                              weights.get(e["name"][:-len("_kernel_time")])) / args.runs
         rec[2] += 1
     total_s = sum(r[0] for r in per_op.values())
     total_gflop = sum(r[1] for r in per_op.values())
@@ -1361,6 +1456,17 @@ def main(argv=None):
         p.add_argument("--isa", choices=["", "avx2"], default="", help="children see an AVX2-only CPU (jobs/isa_cap.py)")
         p.add_argument("--background", type=int, default=0, metavar="N",
                        help="engine, cli: N low-priority (nice 19) busy loops run throughout, as on a shared desktop")
+    p = sub.add_parser("folder", help="a folder by the default command and explicit placements vs demucs -j N")
+    p.add_argument("--model", default="htdemucs", choices=["htdemucs", "htdemucs_ft", "htdemucs_6s"])
+    p.add_argument("--tracks", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=0, help="demucs -j (default: the cores)")
+    p.add_argument("--plain-demucs", action="store_true", help="also upstream without -j")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--placements", nargs="+", default=["default"], metavar="SPEC",
+                   help="default, local:T (one process, T threads) or ray:AxT (A actors x T threads); the first is "
+                        "compared with upstream's stems")
     p = sub.add_parser("decode", help="decode x-realtime per core vs the FFmpeg CLI; peak RSS of a long .m4a")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--long-minutes", type=float, default=60.0)
@@ -1405,7 +1511,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
-     "decode": bench_decode,
+     "decode": bench_decode, "folder": bench_folder,
      "roformer": bench_roformer, "catalog": bench_catalog, "session": bench_session, "ops": bench_ops,
      "attention": bench_attention}[args.what](args)
 
