@@ -268,9 +268,20 @@ def _pair_swap_index(dim_head: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, rotary_embed: RotaryFreqs):
+    """Gated multi-head attention with rotary embeddings.
+
+    `head_groups` > 1 computes the scores and softmax one group of heads after another (same values): over the
+    time axis a chunk's scores for all heads at once are 60 bands x 8 heads x 801 x 801 floats (1.2 GB, plus as
+    much for the softmax), which made ONNX Runtime's peak memory; per head they are 8x smaller and the runtime
+    reuses one group's buffers for the next (a vocals-size session peaked at 5.0 GB, now 2.6 GB, at the same speed;
+    docs/BENCHMARKS.md).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, rotary_embed: RotaryFreqs, head_groups: int = 1):
         super().__init__()
-        self.heads, self.dim_head = heads, dim_head
+        if heads % head_groups:
+            raise ValueError(f"head_groups {head_groups} does not divide heads {heads}")
+        self.heads, self.dim_head, self.head_groups = heads, dim_head, head_groups
         inner = heads * dim_head
         self.norm = RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
@@ -289,8 +300,10 @@ class Attention(nn.Module):
         cos_q, sin_q, cos_k, sin_k = rope
         q = q * cos_q + q.index_select(-1, self.swap) * sin_q
         k = k * cos_k + k.index_select(-1, self.swap) * sin_k
-        attn = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)
-        out = torch.matmul(attn, v)                                   # (N, h, n, dh)
+        g = self.head_groups
+        parts = zip(q.chunk(g, 1), k.chunk(g, 1), v.chunk(g, 1)) if g > 1 else [(q, k, v)]
+        outs = [torch.matmul(torch.matmul(qg, kg.transpose(-1, -2)).softmax(dim=-1), vg) for qg, kg, vg in parts]
+        out = outs[0] if g == 1 else torch.cat(outs, dim=1)           # (N, h, n, dh)
         gates = self.to_gates(xn).sigmoid().transpose(1, 2).unsqueeze(-1)
         out = (out * gates).transpose(1, 2).reshape(-1, n, h * dh)
         return self.to_out(out)
@@ -308,10 +321,11 @@ class FeedForward(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim, depth, heads, dim_head, rotary_embed, norm_output: bool):
+    def __init__(self, dim, depth, heads, dim_head, rotary_embed, norm_output: bool, head_groups: int = 1):
         super().__init__()
         self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads, dim_head, rotary_embed), FeedForward(dim)]) for _ in range(depth)])
+            nn.ModuleList([Attention(dim, heads, dim_head, rotary_embed, head_groups), FeedForward(dim)])
+            for _ in range(depth)])
         self.norm = RMSNorm(dim) if norm_output else nn.Identity()
 
     def forward(self, x, rope):
@@ -374,7 +388,8 @@ class Roformer(nn.Module):
         norm_each = spec.family == "mel_band_roformer"
         self.layers = nn.ModuleList([
             nn.ModuleList([
-                Transformer(spec.dim, spec.time_transformer_depth, spec.heads, spec.dim_head, time_rot, norm_each),
+                Transformer(spec.dim, spec.time_transformer_depth, spec.heads, spec.dim_head, time_rot, norm_each,
+                            head_groups=spec.heads),     # long sequences (801 frames): one head at a time
                 Transformer(spec.dim, spec.freq_transformer_depth, spec.heads, spec.dim_head, freq_rot, norm_each),
             ]) for _ in range(spec.depth)])
         self._time_rot, self._freq_rot = [time_rot], [freq_rot]     # lists: not registered twice

@@ -994,9 +994,10 @@ def bench_catalog(args) -> None:
 
     import numpy as np
     from ripper_dist import catalog
+    from ripper_dist.family_registry import is_msst
     for name in args.names:
         entry = catalog.lookup(name)
-        if entry is None or not entry.is_roformer:
+        if entry is None or not is_msst(entry.family):
             raise SystemExit(f"catalog: {name!r} is not a RoFormer of the model catalogue (ripper-dist models)")
         if entry.problems():
             raise SystemExit(f"catalog: {name} is not exportable yet ({', '.join(entry.problems())})")

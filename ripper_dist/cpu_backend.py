@@ -52,12 +52,12 @@ def machine_key() -> str:
     return "|".join([cpu, ",".join(isa), f"{_usable_cores()}cores", *versions])
 
 
-def graph_key(graph: bytes) -> str:
+def graph_key(graph: bytes | str | Path) -> str:
     """The graph's architecture, not its weights: operators, their attributes and the initializers' shapes. Speed
     depends on these only, so a bag's members (and any checkpoint of the same model) share one measurement, and
     however the graphs of a job are grouped (local engine per model, Ray actor over all) the choice is the same."""
     import onnx
-    proto = onnx.load_model(io.BytesIO(graph), load_external_data=False)
+    proto = onnx.load_model(io.BytesIO(graph) if isinstance(graph, bytes) else str(graph), load_external_data=False)
     h = hashlib.sha256()
     for init in proto.graph.initializer:
         h.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
@@ -113,7 +113,7 @@ def make_runner(backend: str, graph: bytes | str | Path, device: str = "cpu", th
     return OnnxRunner(graph, device, threads, **kw)
 
 
-def measure(graph: bytes, threads: int | None, **kw) -> tuple[dict[str, float], dict]:
+def measure(graph: bytes | str | Path, threads: int | None, **kw) -> tuple[dict[str, float], dict]:
     """Seconds per chunk (batch 1) of each available backend, alternating runs; returns (times, runners built)."""
     from .openvino_model import available
     from .onnx_model import read_info
@@ -133,7 +133,7 @@ def measure(graph: bytes, threads: int | None, **kw) -> tuple[dict[str, float], 
     return {n: min(ts) for n, ts in times.items()}, runners
 
 
-def resolve(backend: str, device: str, graph: bytes, threads: int | None, **kw) -> tuple[str, object | None]:
+def resolve(backend: str, device: str, graph: bytes | str | Path, threads: int | None, **kw) -> tuple[str, object | None]:
     """(concrete backend, a runner for `graph` already built while measuring, or None)."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r}: use one of {BACKENDS}")
@@ -186,18 +186,17 @@ def make_runners(graphs: list, device: str, threads: int | None, backend: str = 
         if g is None:
             out.append(None)
             continue
-        data = g if isinstance(g, bytes) else Path(g).read_bytes()
         from .onnx_model import read_info
-        if read_info(data).raw.get("ripper.precision") == "bf16":  # only OpenVINO implements it (openvino_model):
-            if device != "cpu":                                        # it is implied (options refuse --backend ort)
+        if read_info(g).raw.get("ripper.precision") == "bf16":  # only OpenVINO implements it (openvino_model):
+            if device != "cpu":                                     # it is implied (options refuse --backend ort)
                 raise ValueError(f"a bf16 graph runs on OpenVINO on the CPU, not --device {device}")
-            out.append(make_runner("openvino", data, device, threads, max_batch=kw.get("max_batch")))
+            out.append(make_runner("openvino", g, device, threads, max_batch=kw.get("max_batch")))
             continue
-        concrete, ready = resolve(backend, device, data, threads, **kw)
+        concrete, ready = resolve(backend, device, g, threads, **kw)  # a file stays a file: no second copy held
         if ready is not None:
             out.append(ready)
         elif concrete == "openvino":
-            out.append(make_runner("openvino", data, device, threads, max_batch=kw.get("max_batch")))
+            out.append(make_runner("openvino", g, device, threads, max_batch=kw.get("max_batch")))
         else:
             out.append(make_runner("ort", g, device, threads, **kw))
     return out

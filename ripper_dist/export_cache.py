@@ -28,7 +28,7 @@ from .sources import DemucsSource, cache_dir
 
 #: Bump when the graph exported for the same checkpoint and options changes (cached graphs are then re-exported).
 #: 2: factorised real DFT for the STFT/ISTFT.
-from ripper_export.version import EXPORT_VERSION  # the export side owns it; importing it needs no torch
+from ripper_export.version import EXPORT_VERSION, ROFORMER_GRAPH_VERSION  # export side owns them; no torch
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: An fp16 graph further than this from its fp32 graph (SDR on a music-like chunk, ONNX Runtime CPU) is refused.
@@ -233,7 +233,7 @@ def export_roformer(family: str, config: Path, checkpoint: Path, *, opset: int =
     also outputs the per-band masks."""
     sha = sha256_file(checkpoint)
     options = {"family": family, "config_sha256": sha256_file(config), "opset": opset,
-               "export_version": EXPORT_VERSION}
+               "export_version": EXPORT_VERSION, "roformer_graph": ROFORMER_GRAPH_VERSION}
     if explain:
         options["explain"] = True
     out = (out_root or onnx_root()) / family / _key(sha, options) / "model.onnx"

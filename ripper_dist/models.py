@@ -109,21 +109,28 @@ def _check_before_export(check: ShapeCheck | None, shape, label: str) -> None:
         check(label, *found)
 
 
+def graph_bytes(graph: bytes | Path) -> bytes:
+    """A bundle's graph as bytes, for shipping it to Ray workers (which may not see the driver's files). Read when
+    shipped, not kept: the local engine and the actors hold the session's copy of the weights only (RoFormer vocals:
+    0.9 GB less per process, docs/BENCHMARKS.md)."""
+    return graph if isinstance(graph, bytes) else Path(graph).read_bytes()
+
+
 @dataclass
 class ModelBundle:
     name: str
     family: str
-    graphs: list[bytes]
+    graphs: list[bytes | Path]  # the cached files (bytes where a caller built the bundle from bytes)
     weights: list[list[float]] | None
     infos: list[GraphInfo]
 
     @classmethod
     def from_exported(cls, exported: ExportedModel) -> "ModelBundle":
-        graphs = [Path(p).read_bytes() for p in exported.onnx_paths]
+        graphs = [Path(p) for p in exported.onnx_paths]  # files, not bytes: sessions load them from disk
         infos = []
-        for path, g in zip(exported.onnx_paths, graphs):
+        for path in graphs:
             try:
-                infos.append(read_info(g))
+                infos.append(read_info(path))
             except Exception as e:  # noqa: BLE001 - protobuf errors name no file
                 raise ValueError(f"{path}: not a usable ripper-dist ONNX graph ({type(e).__name__}: "
                                  f"{str(e).strip()[:200]})") from None

@@ -135,16 +135,30 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
     if sess.get_providers()[0] != wanted:
         raise ProviderError(f"{wanted} did not start (session runs on {sess.get_providers()}); check CUDA/cuDNN "
                             "libraries and the GPU, or use --device cpu")
+    # The Python session keeps the serialized graph for `set_providers` (never called here) beside the weights its
+    # own copy holds: for the RoFormer vocals model that is 0.9 GB held twice. The caller decides whether to keep it.
+    sess._model_bytes = None
+    _release_freed_heap()
     return sess
 
 
-def read_info(model: bytes | str | Path) -> GraphInfo:
-    """Metadata only: parses the protobuf without loading external weight files or starting a session."""
-    import io
+def _release_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc `malloc_trim`). Building a session frees the graph's
+    original weights once they are prepacked, mostly blocks under glibc's mmap threshold: whether those pages leave
+    the process depends on heap fragmentation, so the RoFormer vocals session sat at 1.0 or 1.6 GB from run to run
+    (docs/BENCHMARKS.md). No-op without glibc."""
+    import ctypes
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's on Linux; absent elsewhere
+    except (OSError, AttributeError):
+        pass
 
-    import onnx
-    proto = onnx.load_model(io.BytesIO(model) if isinstance(model, bytes) else str(model), load_external_data=False)
-    return GraphInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
+
+def read_info(model: bytes | str | Path) -> GraphInfo:
+    """Metadata only, read from the protobuf's top-level fields (`onnx_metadata`): no weights parsed, no external
+    weight files loaded, no session started."""
+    from .onnx_metadata import metadata_props
+    return GraphInfo.from_metadata(metadata_props(model))
 
 
 def batch_plan(batch_size: int | str, device: str) -> tuple[int, bool]:

@@ -46,6 +46,7 @@ from .families import Family
 from .manifest import Manifest, RowContext
 from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
+from .models import graph_bytes
 from .placement import ActorShape, actor_shape
 from .progress import Progress
 from .span_work import TrackPlan, check_unchanged, open_reader, plan_track, run_span, stem_sink
@@ -529,7 +530,8 @@ def run_ray(job: RayJob, *, make_runners=onnx_runners) -> list[dict]:
         spec = JobSpec(family=family, rows=job.rows("ray"), parts_root=str(parts_root(job.out_dir, job.key)),
                        layout=job.layout, output=opts.output(), n_tracks=len(tracks),
                        actors=shape.actors, io=io, limits=opts.limits())
-        graph_refs = [ray.put(g) if m in family.models else None for m, g in enumerate(job.bundle.graphs)]
+        graph_refs = [ray.put(graph_bytes(g)) if m in family.models else None
+                      for m, g in enumerate(job.bundle.graphs)]
         rows_per_call, fit_gpu = batch_plan(opts.batch_size, shape.device)
         items = [{"track_idx": i, "path": str(t.path), "track": t.track} for i, t in tracks.items()]
         ds = ray.data.from_items(items, override_num_blocks=source_blocks(len(items), shape.actors))

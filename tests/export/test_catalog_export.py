@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from ripper_dist import catalog
-from ripper_dist.models import export_model
+from ripper_dist.family_registry import is_msst
+from ripper_dist.models import ModelChoice, export_model
 from ripper_dist.msst_chunking import output_stems
 from ripper_dist.onnx_model import GraphInfo
 from ripper_dist.sources import ModelSourceError
@@ -36,7 +37,7 @@ from ripper_export.safe_load import sha256_file
 
 import bs_roformer  # noqa: E402,F401  (the reference: part of the test extra)
 
-ROFORMERS = [n for n, e in catalog.entries().items() if e.is_roformer]
+ROFORMERS = [n for n, e in catalog.entries().items() if is_msst(e.family)]
 #: Not in the shipped catalogue: ZFTurbo's 4-stem BS-RoFormer with `skip_connection: true` (an option the exporter
 #: does not implement), so that the refusal branch below runs whatever the shipped entries are.
 UNEXPORTABLE = "test_bs_roformer_skip_connection"
@@ -107,7 +108,7 @@ def test_small_config_keeps_the_architecture():
 @pytest.mark.parametrize("name", [*ROFORMERS, UNEXPORTABLE])
 def test_every_catalogue_roformer_exports(mirror, name):
     entry = catalog.lookup(name)
-    opts = SimpleNamespace(model=name, precision="fp32", repo=None, checkpoint=None, progress=False)
+    opts = ModelChoice(name, progress=False)
     if name == UNEXPORTABLE:
         assert entry.problems() == ["skip_connection=True"]
     if entry.problems():  # stated by the catalogue: `-n NAME` must refuse it, naming why, before any download

@@ -93,6 +93,30 @@ def test_flash_attn_flag_is_ignored():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_attention_equals_plain(groups):
+    """Head groups (the time transformer's memory bound in the export) only change the order of the work."""
+    from ripper_export.roformer import Attention, RotaryFreqs
+    torch.manual_seed(0)
+    rot = RotaryFreqs(16)
+    plain, grouped = Attention(32, 4, 16, rot), Attention(32, 4, 16, rot, head_groups=groups)
+    grouped.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 50, 32)
+    cos_q, sin_q = rot.tables(50, 16 ** -0.5)
+    cos_k, sin_k = rot.tables(50)
+    with torch.no_grad():
+        a = plain(x, (cos_q, sin_q, cos_k, sin_k))
+        b = grouped(x, (cos_q, sin_q, cos_k, sin_k))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_time_attention_runs_one_head_at_a_time():
+    kwargs = _small("mel_band_roformer")
+    model = build_roformer("mel_band_roformer", kwargs)
+    time_tf, freq_tf = model.layers[0]
+    assert time_tf.layers[0][0].head_groups == model.spec.heads and freq_tf.layers[0][0].head_groups == 1
+
+
 def test_frozen_rotary_tables_match_dynamic():
     kwargs = _small("mel_band_roformer")
     model = build_roformer("mel_band_roformer", kwargs, random_state_dict("mel_band_roformer", kwargs))
