@@ -5,8 +5,9 @@ Pure functions of what the job is and what the node or cluster has, shared by `s
 user runs it (`python jobs/bench.py folder`, docs/BENCHMARKS.md "A folder by default"), not assumed:
 
 - one track on this machine runs locally: Ray's start, its actors and their sessions (5 to 8 s on two cores) cost
-  more than spreading its chunks gains;
-- several tracks, a cluster address, `-j N` or `--no-shared-fs` run on Ray;
+  more than spreading its chunks gains; so does a small folder (up to 4 tracks per core) on a machine of up to 7
+  cores (6 x 20 s on 2 cores: local 72.4 s, Ray's two 1-thread actors 81.0 s, `demucs -j 2` 81.8 s);
+- a bigger folder, a bigger machine, a cluster address, `-j N` or `--no-shared-fs` run on Ray;
 - on the CPU, narrow actors (1 ORT thread each up to 7 cores) beat one wide session: an op parallelised over every
   core waits for its slowest thread, and any other work on the node (decoding, encoding, planning) is such a thread;
   from 8 cores on, actors of up to 4 threads keep the number of sessions (memory: a weight copy each) sane;
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 NARROW_UP_TO_CORES = 7  # up to this many CPUs per node, actors of one thread
 MAX_THREADS_PER_ACTOR = 4
+LOCAL_TRACKS_PER_CORE = 4  # auto: a folder of up to this many tracks per core on a small machine runs locally
 ACTOR_CPU_SHARE = 0.75  # logical CPUs per ORT thread: planning and finishing tasks (0.25 CPU) always find room
 
 
@@ -37,12 +39,20 @@ class ActorShape:
                 f"thread{'s' if self.threads != 1 else ''}")
 
 
-def choose_engine(engine: str, *, n_tracks: int, address: str | None, shared_fs: bool, actors: int | None) -> str:
-    """`--engine auto` -> "local" or "ray" (an explicit engine is kept)."""
+def choose_engine(engine: str, *, n_tracks: int, address: str | None, shared_fs: bool, actors: int | None,
+                  cores: int) -> str:
+    """`--engine auto` -> "local" or "ray" (an explicit engine is kept). cores: what this machine gives the job."""
     if engine != "auto":
         return engine
     parallel = actors is not None and actors > 1  # -j N: N workers, even on one track (its spans)
-    return "ray" if address or not shared_fs or n_tracks > 1 or parallel else "local"
+    if address or not shared_fs or parallel:
+        return "ray"
+    if n_tracks <= 1:
+        return "local"
+    # A small folder on a small machine: one session over every core ran it fastest (6 x 20 s on 2 cores: 72.4 s,
+    # against 81.0 s for two 1-thread actors, whose gain does not pay for Ray's start); an archive gets Ray's
+    # actors (a crash costs one actor, decoding and encoding overlap the model), a big node its narrow actors.
+    return "local" if cores <= NARROW_UP_TO_CORES and n_tracks <= LOCAL_TRACKS_PER_CORE * cores else "ray"
 
 
 def cpu_threads(cpus: int) -> int:

@@ -248,8 +248,9 @@ def run_local(job: Job) -> list[dict]:
 
 def choose_engine(opts: SeparateOptions, n_todo: int) -> str:
     """`--engine auto` for this job (`placement.choose_engine`: the rule and why)."""
+    from .onnx_model import _usable_cores
     return placement.choose_engine(opts.engine, n_tracks=n_todo, address=opts.ray_address(), shared_fs=opts.shared_fs,
-                                   actors=opts.actors)
+                                   actors=opts.actors, cores=opts.num_cpus or _usable_cores())
 
 
 def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> int:

@@ -8,15 +8,21 @@ from ripper_dist.placement import ActorShape, actor_shape, choose_engine, cpu_th
 
 @pytest.mark.parametrize("kw, engine", [
     (dict(n_tracks=1), "local"),                      # one track here: Ray's start costs more than it spreads
-    (dict(n_tracks=2), "ray"),                        # a folder: narrow actors
+    (dict(n_tracks=6), "local"),                      # a small folder on 2 cores: measured fastest in one process
+    (dict(n_tracks=8), "local"),
+    (dict(n_tracks=9), "ray"),                        # more than 4 tracks per core: Ray's actors
+    (dict(n_tracks=6, cores=16), "ray"),              # a big machine: narrow actors
+    (dict(n_tracks=28, cores=7), "local"),
+    (dict(n_tracks=2, cores=8), "ray"),
     (dict(n_tracks=1, address="10.0.0.1:6379"), "ray"),
     (dict(n_tracks=1, shared_fs=False), "ray"),
     (dict(n_tracks=1, actors=2), "ray"),              # -j 2 on one track: its spans on two actors
+    (dict(n_tracks=3, actors=2), "ray"),
     (dict(n_tracks=1, actors=1), "local"),
     (dict(n_tracks=50_000), "ray"),
 ])
 def test_engine(kw, engine):
-    args = dict(address=None, shared_fs=True, actors=None) | kw
+    args = dict(address=None, shared_fs=True, actors=None, cores=2) | kw
     assert choose_engine("auto", **args) == engine
     for explicit in ("local", "ray"):
         assert choose_engine(explicit, **args) == explicit

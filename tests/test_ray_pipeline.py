@@ -293,7 +293,9 @@ def test_auto_engine(env, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert choose_engine(SeparateOptions(), 1) == "local"
     assert choose_engine(SeparateOptions(address="auto"), 1) == "ray"
-    assert choose_engine(SeparateOptions(), 2) == "ray"
+    assert choose_engine(SeparateOptions(num_cpus=2), 2) == "local"  # a small folder on a small machine
+    assert choose_engine(SeparateOptions(num_cpus=2), 9) == "ray"
+    assert choose_engine(SeparateOptions(num_cpus=16), 2) == "ray"
     assert choose_engine(SeparateOptions(engine="ray"), 1) == "ray"
     assert choose_engine(SeparateOptions(shared_fs=False), 1) == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
