@@ -617,6 +617,19 @@ def _bench_engine(args, bg) -> None:
           f"GFLOP/s counts upstream's {HTDEMUCS_GFLOP_PER_SEGMENT} GFLOP per segment for every contender)")
 
 
+def _wall_table(runs: dict[str, list[dict]], audio_s: float) -> dict[str, tuple[float, float]]:
+    """Print whole-process runs per contender (wall min/median, x-realtime, peak RSS, exit codes); {label: (min, med)}."""
+    import statistics
+    print(f"{'contender':<34}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
+    walls = {}
+    for label, rs in runs.items():
+        w = [r["wall_s"] for r in rs]
+        walls[label] = (min(w), statistics.median(w))
+        print(f"{label:<34}{min(w):>11.2f}{walls[label][1]:>11.2f}{audio_s / min(w):>12.3f}"
+              f"{max(r['peak_rss_mb'] for r in rs):>13.0f}  {','.join(str(r['rc']) for r in rs)}")
+    return walls
+
+
 def bench_cli(args) -> None:
     with _Background(args.background) as bg:
         _bench_cli(args, bg)
@@ -635,7 +648,6 @@ def _bench_cli(args, bg) -> None:
               "-d", _torch_device(args.device), "-o", str(out / "demucs"), str(track)]
     ray_ = ours[:4] + ["--engine", "ray"] + ours[4:]  # the default (auto) runs one track locally
     ray_[ray_.index(str(out / "ours"))] = str(out / "ours-ray")
-    import statistics
     contenders = [("demucs CLI", theirs), ("ripper-dist (default)", ours), ("ripper-dist --engine ray", ray_)]
     runs: dict[str, list[dict]] = {label: [] for label, _ in contenders}
     for _ in range(args.rounds):  # alternating, so a noisy stretch hits every contender alike
@@ -644,13 +656,7 @@ def _bench_cli(args, bg) -> None:
     print(f"# whole-process timing, {args.seconds:g} s track, device {args.device}, {args.rounds} alternating rounds"
           + (f", every child sees an {args.isa}-only CPU (jobs/isa_cap.py)" if args.isa else "")
           + f"{bg.label()}; {_machine(args.device)}")
-    print(f"{'contender':<34}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
-    walls = {}
-    for label, _ in contenders:
-        w = [r["wall_s"] for r in runs[label]]
-        walls[label] = (min(w), statistics.median(w))
-        print(f"{label:<28}{min(w):>11.2f}{walls[label][1]:>11.2f}{args.seconds / min(w):>12.3f}"
-              f"{max(r['peak_rss_mb'] for r in runs[label]):>13.0f}  {','.join(str(r['rc']) for r in runs[label])}")
+    walls = _wall_table(runs, args.seconds)
     up = walls["demucs CLI"]
     print("ripper-dist / demucs speed (min, median): default "
           f"{up[0] / walls['ripper-dist (default)'][0]:.2f}x {up[1] / walls['ripper-dist (default)'][1]:.2f}x, "
@@ -686,8 +692,6 @@ def _placement_argv(spec: str) -> list[str]:
 def bench_folder(args) -> None:
     """A folder as a user separates it: the default command and explicit placements against `demucs -j N`, whole
     processes, interleaved rounds; then the default's worst stem against upstream's."""
-    import statistics
-
     import soundfile as sf
     prep = _run_measured("prepare", model=args.model, threads=1, precision=args.precision)
     if args.precision != "fp32":
@@ -717,13 +721,7 @@ def bench_folder(args) -> None:
     print(f"# folder of {args.tracks} x {args.seconds:g} s ({name}, {args.precision}), whole processes, "
           f"{args.rounds} alternating rounds; {_machine()}; load average (1 min) at each round's start: "
           + ", ".join(f"{x:.1f}" for x in loads))
-    print(f"{'contender':<34}{'wall s min':>11}{'wall s med':>11}{'x-realtime':>12}{'peak RSS MB':>13}  rc")
-    walls = {}
-    for label, _ in contenders:
-        w = [r["wall_s"] for r in runs[label]]
-        walls[label] = (min(w), statistics.median(w))
-        print(f"{label:<34}{min(w):>11.2f}{walls[label][1]:>11.2f}{audio / min(w):>12.3f}"
-              f"{max(r['peak_rss_mb'] for r in runs[label]):>13.0f}  {','.join(str(r['rc']) for r in runs[label])}")
+    walls = _wall_table(runs, audio)
     base = walls[contenders[0][0]]
     for label, _ in contenders[1:]:
         print(f"{label} / {contenders[0][0]} speed: {base[0] / walls[label][0]:.2f}x (min) "
