@@ -8,8 +8,6 @@ machines for nothing. GPU devices always use ONNX Runtime (CUDA/TensorRT provide
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import platform
@@ -53,22 +51,11 @@ def machine_key() -> str:
 
 
 def graph_key(graph: bytes | str | Path) -> str:
-    """The graph's architecture, not its weights: operators, their attributes and the initializers' shapes. Speed
-    depends on these only, so a bag's members (and any checkpoint of the same model) share one measurement, and
+    """The graph's architecture, not its weights (`onnx_metadata.architecture_key`, read without parsing them): speed
+    depends on it only, so a bag's members (and any checkpoint of the same model) share one measurement, and
     however the graphs of a job are grouped (local engine per model, Ray actor over all) the choice is the same."""
-    import onnx
-    proto = onnx.load_model(io.BytesIO(graph) if isinstance(graph, bytes) else str(graph), load_external_data=False)
-    h = hashlib.sha256()
-    for init in proto.graph.initializer:
-        h.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
-    for node in proto.graph.node:
-        h.update(f"{node.op_type}({','.join(node.input)})->{','.join(node.output)}".encode())
-        for a in node.attribute:
-            if a.type != onnx.AttributeProto.TENSOR:  # constant tensors are weights too
-                h.update(a.SerializeToString())
-    for value in list(proto.graph.input) + list(proto.graph.output):
-        h.update(value.SerializeToString())
-    return h.hexdigest()[:16]
+    from .onnx_metadata import architecture_key
+    return architecture_key(graph)
 
 
 def _cache_file() -> Path:
