@@ -46,8 +46,8 @@ def machine_key() -> str:
     with contextlib.suppress(ImportError):
         import openvino
         versions.append(f"ov{openvino.__version__.split('-')[0]}")
-    from .onnx_model import _usable_cores
-    return "|".join([cpu, ",".join(isa), f"{_usable_cores()}cores", *versions])
+    from .placement import usable_cores
+    return "|".join([cpu, ",".join(isa), f"{usable_cores()}cores", *versions])
 
 
 def graph_key(graph: bytes | str | Path) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .device import parse_device
+from .placement import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,6 @@ def _trt_shapes(model: bytes | str | Path, largest: int) -> tuple[str, tuple[int
     return inp.name, tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:]), largest
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, e.g. a container's cpuset), not the host's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
                  *, profile: str | None = None, spin: bool = True, max_batch: int = AUTO_BATCH_CAP) -> ort.InferenceSession:
     """Create a session; raise ProviderError when the requested GPU provider did not start."""
@@ -108,7 +100,7 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
     # the arena already holds from the first: the peak nearly doubles (htdemucs 1.05 -> 1.67 GB, RoFormer vocals
     # 5.0 -> 8.2 GB) for no measured speed (docs/BENCHMARKS.md).
     opts.enable_mem_pattern = False
-    opts.intra_op_num_threads = threads or _usable_cores()
+    opts.intra_op_num_threads = threads or usable_cores()
     if not spin:  # a process sharing its cores (a Ray actor beside the driver) must not busy-wait between ops
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_model import GraphInfo, _usable_cores, read_info
+from .onnx_model import GraphInfo, read_info
+from .placement import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def bf16_problem(device: str = "cpu", flags: set[str] | None = None) -> str | No
 def cpu_config(threads: int | None = None) -> dict:
     """OpenVINO's CPU compile settings for every graph we run: f32 pinned (its bf16 default on AMX CPUs leaves htdemucs
     about 50 dB from f32), one latency stream on the cores this process may use."""
-    return {"INFERENCE_NUM_THREADS": int(threads or _usable_cores()), "INFERENCE_PRECISION_HINT": "f32",
+    return {"INFERENCE_NUM_THREADS": int(threads or usable_cores()), "INFERENCE_PRECISION_HINT": "f32",
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
 
 

@@ -15,12 +15,21 @@ user runs it (`python jobs/bench.py folder`, docs/BENCHMARKS.md "A folder by def
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 NARROW_UP_TO_CORES = 7  # up to this many CPUs per node, actors of one thread
 MAX_THREADS_PER_ACTOR = 4
 LOCAL_TRACKS_PER_CORE = 4  # auto: a folder of up to this many tracks per core on a small machine runs locally
 ACTOR_CPU_SHARE = 0.75  # logical CPUs per ORT thread: planning and finishing tasks (0.25 CPU) always find room
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, e.g. a container's cpuset), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from .manifest import Manifest, RowContext
 from .options import SeparateOptions
 from .parts import TrackParts, clean_leftovers, parts_root
 from .models import graph_bytes
-from .placement import ActorShape, actor_shape
+from .placement import ActorShape, actor_shape, usable_cores
 from .progress import Progress
 from .span_work import TrackPlan, check_unchanged, open_reader, plan_track, run_span, stem_sink
 from .stem_sink import StemLayout, StemOutput
@@ -419,7 +419,7 @@ class RayEngine:
                 ray_connect.connect(address, log_hint=log, **kwargs)
                 warn_if_workers_niced()
             else:
-                ray_connect.start_local(num_cpus=self.opts.num_cpus or os.cpu_count(),
+                ray_connect.start_local(num_cpus=self.opts.num_cpus or usable_cores(),
                                         _system_config={"worker_niceness": WORKER_NICENESS}, **kwargs)
             self.started_here = True
 

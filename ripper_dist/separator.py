@@ -216,8 +216,7 @@ def run_local(job: Job) -> list[dict]:
     if fit_gpu:
         batch_size = fit_runners(runners, batch_size)
     from .device import is_gpu
-    from .onnx_model import _usable_cores
-    threads = opts.threads or _usable_cores()
+    threads = opts.threads or placement.usable_cores()
     job.placement = (f"this process, {opts.device}" if is_gpu(opts.device) else
                      f"this process, {threads} {backend or 'cpu'} thread{'s' if threads != 1 else ''}")
     job.load_s += time.monotonic() - t0  # the sessions: loading, not separating
@@ -248,9 +247,8 @@ def run_local(job: Job) -> list[dict]:
 
 def choose_engine(opts: SeparateOptions, n_todo: int) -> str:
     """`--engine auto` for this job (`placement.choose_engine`: the rule and why)."""
-    from .onnx_model import _usable_cores
     return placement.choose_engine(opts.engine, n_tracks=n_todo, address=opts.ray_address(), shared_fs=opts.shared_fs,
-                                   actors=opts.actors, cores=opts.num_cpus or _usable_cores())
+                                   actors=opts.actors, cores=opts.num_cpus or placement.usable_cores())
 
 
 def run_stage(opts: SeparateOptions, tracks: list[TrackInput] | None = None) -> int:

@@ -50,3 +50,15 @@ def test_user_choices_win_and_gpus():
         actor_shape(gpu_kind="cuda", cpus=8, gpus=0)
     assert g.describe() == "8 GPU actors x 1 thread"
     assert actor_shape(gpu_kind=None, cpus=2, gpus=0).describe() == "2 CPU actors x 1 thread"
+
+
+def test_usable_cores_is_the_affinity_mask():
+    import os
+    from ripper_dist.placement import usable_cores
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})  # a container's cpuset, or taskset
+        assert usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
