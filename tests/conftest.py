@@ -5,8 +5,15 @@ HOME is a folder of the test session's: Ray 2.60 turns token authentication on f
 `ray.cluster_utils.Cluster` head as soon as `~/.ray/auth_token` exists, so a token the user (or any earlier local
 `ray.init`) left there would change what the tests see; and nothing a test does may write one into the user's home.
 The caller's RAY_AUTH_* variables go for the same reason. Tests of authentication set their own.
+
+The test process ends with the session's exit status once pytest has reported, without the interpreter's teardown.
+This one process has loaded Ray (whose gRPC/GCS client threads outlive `ray.shutdown`), OpenVINO (TBB workers),
+ONNX Runtime, torch and PyAV side by side, about 50 native threads at the end; CI once saw it die with SIGSEGV
+(exit 139) while finalising, after "512 passed". No user process holds that mix; every CLI test runs the program
+in a process of its own and checks its exit code, so a crash at a real program's exit still fails its test.
 """
 import os
+import sys
 import tempfile
 
 import pytest
@@ -35,3 +42,19 @@ def _own_home():
 def _no_inherited_ray_address(monkeypatch):
     # A RAY_ADDRESS from the caller's shell would make the embedded engine join a foreign cluster.
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    session.config._ripper_session = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    session = getattr(config, "_ripper_session", None)
+    if session is None:  # no session ran (--help, --version)
+        return
+    status = int(session.exitstatus)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
