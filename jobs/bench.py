@@ -1033,6 +1033,47 @@ def bench_catalog(args) -> None:
               f"{exp['num_overlap']}); engine vs torch output {sdr:.1f} dB SDR; graph {exp['graph_mb']:.0f} MB")
 
 
+_KEY_CHILD = r"""
+import hashlib, json, sys, time
+which, path = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+if which == "onnx-parse":  # what graph_key did before: parse the ModelProto, hash shapes and nodes
+    import onnx
+    proto = onnx.load_model(path, load_external_data=False)
+    h = hashlib.sha256()
+    for init in proto.graph.initializer:
+        h.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
+    for node in proto.graph.node:
+        h.update(f"{node.op_type}({','.join(node.input)})->{','.join(node.output)}".encode())
+        for a in node.attribute:
+            if a.type != onnx.AttributeProto.TENSOR:
+                h.update(a.SerializeToString())
+else:
+    from ripper_dist.onnx_metadata import architecture_key
+    architecture_key(path)
+# VmHWM, not ru_maxrss: a child started by vfork inherits its parent's high-water mark (this one's imports torch)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"s": time.perf_counter() - t0, "rss_mb": hwm / 1024}))
+"""
+
+
+def bench_graphkey(args) -> None:
+    """`--backend auto`'s per-process graph key: onnx's full parse (the baseline) against the wire-format walk, each
+    in a fresh process, alternating; prints seconds and the process's peak RSS (imports included)."""
+    print(f"# {_machine()}")
+    print(f"{'graph':<40} {'method':<12} {'s min':>7} {'s max':>7} {'peak RSS MB':>12}")
+    for f in args.files:
+        runs: dict[str, list[dict]] = {"onnx-parse": [], "wire": []}
+        for _ in range(args.rounds):
+            for which in runs:
+                out = subprocess.run([sys.executable, "-c", _KEY_CHILD, which, f], capture_output=True, text=True,
+                                     check=True).stdout
+                runs[which].append(json.loads(out.strip().splitlines()[-1]))
+        for which, rs in runs.items():
+            print(f"{Path(f).parent.name[-40:]:<40} {which:<12} {min(r['s'] for r in rs):7.3f} "
+                  f"{max(r['s'] for r in rs):7.3f} {max(r['rss_mb'] for r in rs):12.0f}")
+
+
 def bench_graph(args) -> None:
     """Per-chunk ONNX Runtime time of exported graphs, interleaved in one process (graph and session A/B tests).
 
@@ -1503,6 +1544,9 @@ def main(argv=None):
     p = sub.add_parser("attention", help="attention blocks: exported MatMul/Softmax graph vs fused MultiHeadAttention")
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p = sub.add_parser("graphkey", help="--backend auto's graph key: onnx parse vs wire format, time and peak RSS")
+    p.add_argument("files", nargs="+", help="exported .onnx graphs")
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("graph")
     p.add_argument("files", nargs="+", help="ONNX files, each optionally FILE:ext,nospin,noarena")
     p.add_argument("--reps", type=int, default=4)
@@ -1510,7 +1554,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
-     "decode": bench_decode, "folder": bench_folder,
+     "decode": bench_decode, "folder": bench_folder, "graphkey": bench_graphkey,
      "roformer": bench_roformer, "catalog": bench_catalog, "session": bench_session, "ops": bench_ops,
      "attention": bench_attention}[args.what](args)
 
