@@ -55,6 +55,9 @@ def pytest_unconfigure(config):
     if session is None:  # no session ran (--help, --version)
         return
     status = int(session.exitstatus)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a Ray a test left running: its processes must not outlive us
+        ray.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
