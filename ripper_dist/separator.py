@@ -171,11 +171,15 @@ def summary(job: Job, rows: list[dict], wall_s: float) -> str:
     audio = sum(r.get("duration_s") or 0 for r in done)
     where = job.layout.template.format(model=job.opts.model_name, track="<track>", trackext="<ext>", stem="<stem>",
                                        ext=job.opts.format)
-    lines = [f"{len(done)} done, {len(failed)} failed, {job.skipped} skipped (already done) of {len(job.tracks)} "
-             f"inputs; {audio:.1f} s of audio separated in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime"
-             f"{f' on {job.placement}' if job.placement else ''}; "
-             f"model export/loading {job.load_s:.1f} s not counted)",
-             f"stems in {job.out_dir / where}, metadata in {job.manifest.path}"]
+    counts = (f"{len(done)} done, {len(failed)} failed, {job.skipped} skipped (already done) of {len(job.tracks)} "
+              "inputs; ")
+    if done:
+        speed = (f"{audio:.1f} s of audio separated in {wall_s:.1f} s ({audio / max(wall_s, 1e-9):.2f}x realtime"
+                 f"{f' on {job.placement}' if job.placement else ''}; model export/loading {job.load_s:.1f} s not "
+                 "counted)")
+    else:  # a rerun with everything done, or only failures: no speed to speak of
+        speed = f"nothing separated (model export/loading {job.load_s:.1f} s)"
+    lines = [counts + speed, f"stems in {job.out_dir / where}, metadata in {job.manifest.path}"]
     for r in failed[:20]:
         lines.append(f"  failed: {r['input_path']}: {r['error']}")
     if len(failed) > 20:

@@ -119,6 +119,7 @@ def test_layout_two_models_metadata_resume_and_onnx_without_torch(env):
     assert {p: p.read_bytes() for p in (out / "tiny" / "song").iterdir()} == before  # never overwritten
     rc, _, err = run(env, "separate", "in/song.wav", "--repo", "repo", "-n", "tiny", "-o", out, "--no-progress")
     assert rc == 0 and "1 skipped" in err, err
+    assert "nothing separated" in err and "x realtime" not in err, err  # no 0.00x for a rerun with all done
 
     df = pd.read_parquet(out / "metadata.parquet")
     assert sorted(df.model) == ["tiny", "twin"] and (df.status == "done").all()
