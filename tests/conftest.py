@@ -9,8 +9,9 @@ The caller's RAY_AUTH_* variables go for the same reason. Tests of authenticatio
 The test process ends with the session's exit status once pytest has reported, without the interpreter's teardown.
 This one process has loaded Ray (whose gRPC/GCS client threads outlive `ray.shutdown`), OpenVINO (TBB workers),
 ONNX Runtime, torch and PyAV side by side, about 50 native threads at the end; CI once saw it die with SIGSEGV
-(exit 139) while finalising, after "512 passed". No user process holds that mix; every CLI test runs the program
-in a process of its own and checks its exit code, so a crash at a real program's exit still fails its test.
+(exit 139) while finalising, after "512 passed". What it holds beyond any run of the program is every earlier
+test's leftovers; the program itself is run as users run it (exports included) in processes of its own by
+`tests/test_newcomer_cli.py`, which checks their exit codes, so a crash at a real program's exit still fails a test.
 """
 import os
 import sys
