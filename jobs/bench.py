@@ -48,7 +48,9 @@
         the probe's frame count apart) vs the FFmpeg CLI decoding the same files to float32 PCM; then the peak RSS of
         a `--long-minutes` .m4a separated by the local engine with the identity graph (inference ~free).
 
-Each contender runs in its own child process, so its peak RSS (`ru_maxrss` of that child) is its own.
+Each contender runs in its own child process, so its peak RSS (`ru_maxrss` of that child) is its own, above a floor:
+Linux starts a child's ru_maxrss at its parent's RSS when it was spawned, so this process imports neither torch nor
+ONNX Runtime (about 30 MB).
 Models are exported (and cached) before anything is timed.
 """
 from __future__ import annotations
@@ -483,13 +485,20 @@ def _gpu_name(device: str) -> str:
         return f"; GPU unknown ({e})"
 
 
+def _version(*dists: str) -> str:
+    """An installed distribution's version, read from its metadata: importing torch here would raise this process's
+    RSS, and with it every later child's measured peak (a child's ru_maxrss starts at its parent's at the spawn)."""
+    from importlib import metadata
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return "-"
+
+
 def _machine(device: str = "cpu") -> str:
-    import onnxruntime
-    try:
-        import torch
-        tv = torch.__version__
-    except ImportError:
-        tv = "-"
+    tv, ov = _version("torch"), _version("onnxruntime-gpu", "onnxruntime")
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -500,7 +509,7 @@ def _machine(device: str = "cpu") -> str:
         pass
     gpu = "" if device.startswith("cpu") else _gpu_name(device)
     return (f"{cpu}, {os.cpu_count()} cores{gpu}; python {platform.python_version()}, torch {tv}, "
-            f"onnxruntime {onnxruntime.__version__}")
+            f"onnxruntime {ov}")
 
 
 def _isa_env(isa: str) -> dict:
