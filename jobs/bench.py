@@ -31,7 +31,7 @@
     python jobs/bench.py memory   [--small 20] [--large 200] [--long-minutes 30]
         peak RSS of the Ray driver and peak object-store use: many short tracks vs few, and one long track.
     python jobs/bench.py roformer [--config vocals] [--seconds 8] [--threads N] [--device cpu|cuda[:N]]
-                                  [--precision fp32|fp16|bf16]
+                                  [--precision fp32|fp16|bf16] [--backend ort|openvino]
         Mel-Band RoFormer (random weights at Kim's vocals configuration): the torch reference (bs-roformer 0.3.10,
         the model the exporter checks parity against) vs the ripper-dist ONNX Runtime runner, on one chunk and on a
         short track through MSST `demix` (same chunking code for both, so the difference is the model runtime).
@@ -344,10 +344,11 @@ def child_roformer_torch(cfg: str, ckpt: str, track: str, threads: int, reps: in
 
 def child_roformer_engine(cfg: str, ckpt: str, track: str, threads: int, reps: int, device: str = "cpu",
                           precision: str = "fp32", family: str = "mel_band_roformer",
-                          out_root: str | None = None) -> dict:
-    """ripper-dist: the exported graph in its ONNX Runtime runner (what `separate` uses for RoFormer)."""
+                          out_root: str | None = None, backend: str = "ort") -> dict:
+    """ripper-dist: the exported graph in the runner `separate` builds for it (`backend`: ONNX Runtime or OpenVINO,
+    the two `--backend auto` chooses between)."""
     bundle = _roformer_bundle(cfg, ckpt, precision, family, out_root)
-    runner = bundle.roformer_runner(device, threads)
+    runner = bundle.roformer_runner(device, threads, backend=backend)
     if not device.startswith("cpu"):
         runner(_roformer_chunk_input(runner.info.channels, runner.chunk_samples))  # warm-up (TensorRT: engine)
     return _roformer_run(runner, runner.chunk_samples, bundle.num_overlap, runner.info.channels, track, reps)
@@ -965,7 +966,8 @@ def bench_roformer(args) -> None:
     runs: dict[str, list[dict]] = {"torch": [], "engine": []}
     for _ in range(args.rounds):
         runs["torch"].append(_run_measured("roformer_torch", **common))
-        runs["engine"].append(_run_measured("roformer_engine", **common, precision=args.precision))
+        runs["engine"].append(_run_measured("roformer_engine", **common, precision=args.precision,
+                                            backend=args.backend))
     a, b = np.load(runs["torch"][-1]["out"]), np.load(runs["engine"][-1]["out"])
     sdr = sdr_db(a, b)
     ca, cb = np.load(runs["torch"][-1]["chunk_out"]), np.load(runs["engine"][-1]["chunk_out"])
@@ -981,7 +983,8 @@ def bench_roformer(args) -> None:
     print(f"{'contender':<30}{'chunk s min':>12}{'chunk s med':>12}{'track s min':>12}{'track s med':>12}"
           f"{'x-realtime':>11}{'peak RSS MB':>13}")
     best = {}
-    engine_label = "ripper-dist OpenVINO bf16" if args.precision == "bf16" else "ripper-dist ONNX Runtime"
+    engine_label = ("ripper-dist OpenVINO bf16" if args.precision == "bf16" else
+                    "ripper-dist OpenVINO" if args.backend == "openvino" else "ripper-dist ONNX Runtime")
     for key, label in (("torch", "torch reference (bs-roformer)"), ("engine", engine_label)):
         cs = [c for r in runs[key] for c in r["chunk_s"]]
         ws = [r["wall_s"] for r in runs[key]]
@@ -1533,6 +1536,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or tensorrt[:N] (torch runs on cuda:N)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="the engine's graph (bf16: on OpenVINO)")
+    p.add_argument("--backend", choices=["ort", "openvino"], default="ort",
+                   help="the engine's CPU runtime (`--backend auto` picks one per machine: `ripper-dist doctor`)")
     p = sub.add_parser("catalog", help="catalogue RoFormers at released shapes: export time/RSS, x-realtime vs torch")
     p.add_argument("--names", nargs="+", required=True, metavar="NAME", help="catalogue names (ripper-dist models)")
     p.add_argument("--seconds", type=float, default=30.0)
