@@ -110,6 +110,7 @@ def measure(graph: bytes | str | Path, threads: int | None, **kw) -> tuple[dict[
     when OpenVINO wins, it is built again (once per machine and graph)."""
     import gc
 
+    from .error_log import one_line
     from .onnx_model import release_freed_heap, read_info
     from .openvino_model import available
     info = read_info(graph)
@@ -120,9 +121,17 @@ def measure(graph: bytes | str | Path, threads: int | None, **kw) -> tuple[dict[
         runner = None
         gc.collect()
         release_freed_heap()  # the previous backend's memory leaves before the next one is built
-        runner = make_runner(name, graph, "cpu", threads,
-                             **(kw if name == "ort" else {"max_batch": kw.get("max_batch")}))
-        runner(x)  # warm-up: first-run allocations, OpenVINO's compilation for this shape
+        try:
+            runner = make_runner(name, graph, "cpu", threads,
+                                 **(kw if name == "ort" else {"max_batch": kw.get("max_batch")}))
+            runner(x)  # warm-up: first-run allocations, OpenVINO's compilation for this shape
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime is the reference: its failure is the job's
+            if name == "ort":
+                raise
+            runner = None
+            print(f"--backend auto: OpenVINO cannot run this graph ({one_line(e)}); using ONNX Runtime",
+                  file=sys.stderr, flush=True)
+            continue
         runs = []
         for _ in range(TIMED_RUNS):
             t0 = time.perf_counter()
