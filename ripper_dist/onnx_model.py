@@ -130,11 +130,11 @@ def make_session(model: bytes | str | Path, device: str = "cpu", threads: int | 
     # The Python session keeps the serialized graph for `set_providers` (never called here) beside the weights its
     # own copy holds: for the RoFormer vocals model that is 0.9 GB held twice. The caller decides whether to keep it.
     sess._model_bytes = None
-    _release_freed_heap()
+    release_freed_heap()
     return sess
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """Give the C heap's free pages back to the system (glibc `malloc_trim`). Building a session frees the graph's
     original weights once they are prepacked, mostly blocks under glibc's mmap threshold: whether those pages leave
     the process depends on heap fragmentation, so the RoFormer vocals session sat at 1.0 or 1.6 GB from run to run

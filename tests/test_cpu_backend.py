@@ -75,6 +75,45 @@ def test_real_measurement_builds_both_and_keeps_the_winner():
     assert runners[0].backend == cpu_backend.choose(times)
 
 
+def test_measurement_holds_one_backend_at_a_time(monkeypatch):
+    """A first run on a machine times both backends: one session alive at a time (two RoFormer vocals sessions
+    would be two copies of 0.9 GB of weights), ONNX Runtime's kept when it wins, OpenVINO's built again when it does."""
+    import weakref
+    alive: set = set()
+    most = [0]
+    real = cpu_backend.make_runner
+
+    def tracked(name, *a, **k):
+        r = real(name, *a, **k)
+        alive.add(id(r))
+        weakref.finalize(r, alive.discard, id(r))
+        most[0] = max(most[0], len(alive))
+        return r
+    monkeypatch.setattr(cpu_backend, "make_runner", tracked)
+    times, kept = cpu_backend.measure(_graph(), 1)
+    assert set(times) == {"ort", "openvino"} and most[0] == 1
+    assert list(kept) == (["ort"] if cpu_backend.choose(times) == "ort" else [])
+    del kept
+    monkeypatch.setattr(cpu_backend, "choose", lambda times: "openvino")  # OpenVINO wins: measured, then rebuilt
+    runners = cpu_backend.make_runners([_graph()], "cpu", 1, "auto")
+    assert runners[0].backend == "openvino" and most[0] == 1
+
+
+def test_auto_falls_back_to_onnx_runtime_when_openvino_cannot_run_the_graph(monkeypatch, capsys):
+    real = cpu_backend.make_runner
+
+    def no_openvino(name, *a, **k):
+        if name == "openvino":
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:\nunsupported operation")
+        return real(name, *a, **k)
+    monkeypatch.setattr(cpu_backend, "make_runner", no_openvino)
+    runners = cpu_backend.make_runners([_graph()], "cpu", 1, "auto")
+    assert runners[0].backend == "ort"
+    assert "OpenVINO cannot run this graph (RuntimeError: Exception from src" in capsys.readouterr().err
+    entry = json.loads((Path(os.environ["RIPPER_DIST_CACHE"]) / "backends.json").read_text())
+    assert next(iter(entry.values()))[cpu_backend.graph_key(_graph())]["seconds_per_chunk"].keys() == {"ort"}
+
+
 def test_graph_key_is_the_architecture_not_the_weights():
     import onnx
     other_weights, other_shape = onnx.load_from_string(_graph()), onnx.load_from_string(_graph())
