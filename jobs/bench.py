@@ -43,6 +43,13 @@
         the exported graph on one chunk and on the track through MSST `demix`, as `roformer` does. Minutes per
         model on a CPU (the reference: about 53 s per 8 s chunk at Kim's size). `--small`: the test's shapes.
 
+    python jobs/bench.py graphkey GRAPH.onnx ... [--rounds 3]
+        `--backend auto`'s per-process graph key: onnx's full parse (the old way) vs the wire-format walk, time and
+        each fresh process's VmHWM.
+    python jobs/bench.py firstuse GRAPH.onnx ...
+        `--backend auto` on a machine's first run (both runtimes timed, one alive at a time) vs a later run (the cached
+        choice): seconds to the runner, one chunk, each fresh process's VmHWM.
+
     python jobs/bench.py decode   [--minutes 10] [--long-minutes 60]
         decoding on one core (x-realtime): WAV, FLAC (libsndfile), AAC .m4a and a video's AAC track (FFmpeg via PyAV;
         the probe's frame count apart) vs the FFmpeg CLI decoding the same files to float32 PCM; then the peak RSS of
@@ -1069,6 +1076,41 @@ print(json.dumps({"s": time.perf_counter() - t0, "rss_mb": hwm / 1024}))
 """
 
 
+_FIRST_USE_CHILD = r"""
+import json, os, sys, time
+os.environ["RIPPER_DIST_CACHE"] = sys.argv[2]  # a fresh cache: the first run on a machine; then the same: a later run
+import numpy as np
+from ripper_dist import cpu_backend
+from ripper_dist.onnx_model import read_info
+graph = sys.argv[1]
+t0 = time.perf_counter()
+runner = cpu_backend.make_runners([graph], "cpu", None, "auto")[0]
+built = time.perf_counter() - t0
+info = read_info(graph)
+x = (0.1 * np.random.default_rng(1).standard_normal((1, info.channels, info.chunk_samples))).astype(np.float32)
+t1 = time.perf_counter()
+runner(x)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"backend": runner.backend, "runners_s": built, "chunk_s": time.perf_counter() - t1,
+                  "rss_mb": hwm / 1024}))
+"""
+
+
+def bench_firstuse(args) -> None:
+    """`--backend auto` on a machine's first run (both runtimes timed, the choice cached) against a later run (the
+    cached choice only): seconds to the runner, one chunk, and the process's peak RSS, each in a fresh process."""
+    print(f"# {_machine()}")
+    print(f"{'graph':<40} {'run':<10} {'backend':<9} {'runners s':>10} {'chunk s':>8} {'peak RSS MB':>12}")
+    for f in args.files:
+        cache = tempfile.mkdtemp(prefix="firstuse-", dir=_work_dir())
+        for run in ("first", "later"):
+            out = subprocess.run([sys.executable, "-c", _FIRST_USE_CHILD, f, cache], capture_output=True, text=True,
+                                 check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{Path(f).parent.name[-40:]:<40} {run:<10} {r['backend']:<9} {r['runners_s']:>10.1f} "
+                  f"{r['chunk_s']:>8.1f} {r['rss_mb']:>12.0f}", flush=True)
+
+
 def bench_graphkey(args) -> None:
     """`--backend auto`'s per-process graph key: onnx's full parse (the baseline) against the wire-format walk, each
     in a fresh process, alternating; prints seconds and the process's peak RSS (imports included)."""
@@ -1558,6 +1600,8 @@ def main(argv=None):
     p = sub.add_parser("attention", help="attention blocks: exported MatMul/Softmax graph vs fused MultiHeadAttention")
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p = sub.add_parser("firstuse", help="--backend auto: a machine's first run (both timed) vs a later run")
+    p.add_argument("files", nargs="+", help="exported .onnx graphs")
     p = sub.add_parser("graphkey", help="--backend auto's graph key: onnx parse vs wire format, time and peak RSS")
     p.add_argument("files", nargs="+", help="exported .onnx graphs")
     p.add_argument("--rounds", type=int, default=3)
@@ -1568,7 +1612,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     {"graph": bench_graph, "engine": bench_engine, "cli": bench_cli, "pipeline": bench_pipeline, "engines": bench_engines, "scaling": bench_scaling, "memory": bench_memory,
-     "decode": bench_decode, "folder": bench_folder, "graphkey": bench_graphkey,
+     "decode": bench_decode, "folder": bench_folder, "graphkey": bench_graphkey, "firstuse": bench_firstuse,
      "roformer": bench_roformer, "catalog": bench_catalog, "session": bench_session, "ops": bench_ops,
      "attention": bench_attention}[args.what](args)
 
